@@ -1,0 +1,73 @@
+"""The one Definitions of ops-pipeline: jobs, schedules, sensors and one resource per external system.
+
+Resource settings come from the environment of the code location (12-factor); secrets are `EnvVar`s,
+so the UI shows the variable's name, never its value:
+
+    OPS_BACKUP_STORE=local|s3   OPS_BACKUP_DIR   OPS_BACKUP_BUCKET   OPS_BACKUP_PREFIX
+    OPS_S3_ENDPOINT_URL   AWS_REGION   AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (EnvVar)
+    OPS_PG_BIN (PostgreSQL client tools)   DOCKER_HOST   OPS_K8S_API_SERVER
+    SLACK_BOT_TOKEN (EnvVar) + OPS_SLACK_CHANNEL
+"""
+
+import os
+
+import dagster as dg
+from dagster_aws.s3 import S3Resource
+
+from ops_pipeline.jobs import backup, release, restore_database_job, restore_drill_job, rollback
+from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.resources.backup_store import BackupStore
+from ops_pipeline.resources.health import HttpProber
+from ops_pipeline.resources.images import DockerEngine
+from ops_pipeline.resources.kubernetes import KubernetesResource
+from ops_pipeline.resources.notify import Notifier
+from ops_pipeline.resources.postgres import PostgresResource
+from ops_pipeline.resources.redis import RedisResource
+from ops_pipeline.resources.targets import DeployTargets
+from ops_pipeline.resources.targets.pm2 import Pm2Resource
+from ops_pipeline.schedules import build_schedules
+from ops_pipeline.sensors import health_watch, rollback_on_release_failure
+
+
+def _env_secret(name: str):
+    """An EnvVar when the variable is set (resolved inside the run), else empty."""
+    return dg.EnvVar(name) if os.environ.get(name) else ""
+
+
+def build_resources() -> dict:
+    s3 = S3Resource(
+        endpoint_url=os.environ.get("OPS_S3_ENDPOINT_URL") or None,
+        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        aws_access_key_id=_env_secret("AWS_ACCESS_KEY_ID") or None,
+        aws_secret_access_key=_env_secret("AWS_SECRET_ACCESS_KEY") or None,
+        max_attempts=int(os.environ.get("OPS_S3_MAX_ATTEMPTS", "3")),
+    )
+    docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""))
+    return {
+        "local_stack": LocalStack(),
+        "postgres": PostgresResource(bin_dir=os.environ.get("OPS_PG_BIN", "")),
+        "redis": RedisResource(),
+        "backup_store": BackupStore(
+            kind=os.environ.get("OPS_BACKUP_STORE", "local"),
+            local_dir=os.environ.get("OPS_BACKUP_DIR", ""),
+            bucket=os.environ.get("OPS_BACKUP_BUCKET", ""),
+            prefix=os.environ.get("OPS_BACKUP_PREFIX", "backups"),
+            s3=s3,
+        ),
+        "deploy_targets": DeployTargets(
+            pm2=Pm2Resource(pm2_bin=os.environ.get("OPS_PM2_BIN", "")),
+            docker=docker,
+            kubernetes=KubernetesResource(api_server=os.environ.get("OPS_K8S_API_SERVER", "")),
+            prober=HttpProber(),
+        ),
+        "docker_engine": docker,
+        "notifier": Notifier(slack_token=_env_secret("SLACK_BOT_TOKEN"), slack_channel=os.environ.get("OPS_SLACK_CHANNEL", "")),
+    }
+
+
+defs = dg.Definitions(
+    jobs=[release, rollback, backup, restore_drill_job, restore_database_job],
+    schedules=build_schedules(),
+    sensors=[health_watch, rollback_on_release_failure],
+    resources=build_resources(),
+)

@@ -1,0 +1,1 @@
+"""One module per stage of a release (and of backups and rollbacks)."""

@@ -1,0 +1,162 @@
+"""build_image: the deployable artifact, named by the git commit (short SHA + dirty flag).
+
+On the PM2 target it is an immutable release bundle: the configured bundle paths plus production-only
+dependencies, in `<state>/artifacts/<app>-<sha>[-dirty]-<content hash>/`, read-only, with the sha256
+of its content recorded. The same content is never built twice. On container targets it is an OCI image
+built through the Docker Engine API and pushed to the registry.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+
+from ops_pipeline import paths
+from ops_pipeline.commands import Command, CommandError, run
+from ops_pipeline.ops.tests import command_env
+from ops_pipeline.redaction import Redactor
+from ops_pipeline.resources.images import DockerEngine, ImageBuildError
+from ops_pipeline.resources.targets.base import Artifact
+from ops_pipeline.spec import DeployTargetKind, ReleaseSpec
+
+
+def content_hash(root: Path) -> tuple[str, int, int]:
+    """sha256 over every file's relative path, mode and bytes (sorted), plus symlink targets. (hash, bytes, files)"""
+    h = hashlib.sha256()
+    total = files = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode):
+                h.update(f"L {rel} -> {os.readlink(p)}\n".encode())
+                continue
+            h.update(f"F {rel} {st.st_mode & 0o111:o} {st.st_size}\n".encode())
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            total += st.st_size
+            files += 1
+        for name in sorted(dirnames):
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                h.update(f"L {p.relative_to(root).as_posix()} -> {os.readlink(p)}\n".encode())
+    return h.hexdigest(), total, files
+
+
+def _make_read_only(root: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if not p.is_symlink():
+                p.chmod(p.stat().st_mode & ~0o222)
+
+
+def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Artifact:
+    app_dir = Path(spec.app_dir)
+    app = spec.app
+    started = time.monotonic()
+    store = paths.artifacts_dir()
+    store.mkdir(parents=True, exist_ok=True)
+    staging = store / f".staging-{uuid.uuid4().hex[:10]}"
+    staging.mkdir()
+    try:
+        missing = [p for p in app.bundle_paths if not (app_dir / p).exists()]
+        required_missing = [p for p in missing if p not in ("ecosystem.config.js", "package-lock.json")]
+        if required_missing:
+            raise dg.Failure(description=f"bundle paths missing in {app_dir}: {', '.join(required_missing)} "
+                             "(did the build command produce them?)", allow_retries=False)
+        for rel in app.bundle_paths:
+            src = app_dir / rel
+            if not src.exists():
+                continue
+            dst = staging / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if src.is_dir():
+                shutil.copytree(src, dst, symlinks=True)
+            else:
+                shutil.copy2(src, dst)
+        if app.commands.install_production.strip():
+            extra_env, hidden = command_env(spec)
+            extra_env["NODE_ENV"] = "production"
+            run(Command(app.commands.install_production, cwd=str(staging), env=extra_env, unset=tuple(hidden),
+                        timeout_s=app.commands.timeout_s, label="install production dependencies"),
+                log=log, redactor=redactor)
+        digest, size, files = content_hash(staging)
+        commit = spec.commit or "nogit"
+        artifact_id = f"{app.name}-{commit}{'-dirty' if spec.dirty else ''}-{digest[:12]}"
+        final = store / artifact_id
+        reused = final.is_dir() and (store / f"{artifact_id}.json").exists()
+        if reused:
+            shutil.rmtree(staging, ignore_errors=True)
+            log(f"artifact {artifact_id} already built (same content), reused")
+        else:
+            if final.exists():
+                _force_rmtree(final)
+            _make_read_only(staging)
+            staging.rename(final)
+        artifact = Artifact(kind="bundle", id=artifact_id, ref=str(final), commit=commit, dirty=spec.dirty,
+                            content_hash=f"sha256:{digest}", size_bytes=size, built_s=round(time.monotonic() - started, 2),
+                            reused=reused)
+        if not reused:
+            (store / f"{artifact_id}.json").write_text(json.dumps({**artifact.to_json(), "files": files,
+                                                                     "created_at": time.time()}, indent=2))
+        return artifact
+    except CommandError as exc:
+        raise dg.Failure(description=f"building the release bundle failed: {exc}", allow_retries=False) from None
+    finally:
+        if staging.exists():
+            _force_rmtree(staging)
+
+
+def _force_rmtree(path: Path) -> None:
+    def onerror(func, p, _exc):
+        os.chmod(os.path.dirname(p), 0o755)
+        os.chmod(p, 0o755)
+        func(p)
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+@dg.op(
+    description=(
+        "Builds the deployable artifact named by the git commit (short SHA + dirty flag): an immutable release "
+        "bundle with its content hash on the PM2 target, an OCI image (built through the Docker Engine API, tagged "
+        "with the commit and the version, pushed, digest recorded) on container targets."
+    ),
+    tags={"stage": "build"},
+)
+def build_image(context: dg.OpExecutionContext, spec: ReleaseSpec, docker_engine: DockerEngine) -> Artifact:
+    if spec.target.kind == DeployTargetKind.pm2:
+        artifact = build_bundle(spec, context.log.info)
+    else:
+        try:
+            artifact = docker_engine.build_release_image(spec, context.log.info)
+        except ImageBuildError as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from None
+    md = {
+        "artifact": artifact.id,
+        "kind": artifact.kind,
+        "ref": artifact.ref,
+        "commit": f"{artifact.commit}{' (dirty)' if artifact.dirty else ''}",
+        "content_hash": artifact.content_hash,
+        "size_bytes": artifact.size_bytes,
+        "build_s": artifact.built_s,
+        "reused": artifact.reused,
+    }
+    if artifact.digest_ref:
+        md["digest_ref"] = artifact.digest_ref
+    if artifact.image_id:
+        md["image_id"] = artifact.image_id
+    context.add_output_metadata(md)
+    context.log.info(f"artifact {artifact.id} ({artifact.size_bytes / 1e6:.1f} MB) {'reused' if artifact.reused else 'built'} "
+                     f"in {artifact.built_s:.1f} s")
+    return artifact

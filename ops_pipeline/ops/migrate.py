@@ -1,0 +1,123 @@
+"""migrate_database: the new artifact's migrations, one migrator at a time, bounded locks, recorded."""
+
+from dataclasses import asdict, dataclass, field
+
+import dagster as dg
+import psycopg
+from psycopg import sql
+
+from ops_pipeline.app_env import resolve_app_env
+from ops_pipeline.commands import Command, CommandError, run
+from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.resources.images import DockerEngine
+from ops_pipeline.resources.postgres import DatabaseError, LockTimeout, PostgresResource
+from ops_pipeline.resources.targets.base import Artifact
+from ops_pipeline.spec import ReleaseSpec
+
+
+def environment_lock_name(environment: str) -> str:
+    return f"environment:{environment}"
+
+
+def take_environment_lock(context: dg.OpExecutionContext, spec: ReleaseSpec, postgres: PostgresResource, url: str) -> None:
+    """One release or rollback per environment, however it was launched: a PostgreSQL advisory lock on the
+    environment's database, held from migration to the end of the health gate. A crashed holder's lock dies
+    with its connection."""
+    holder = f"{context.job_name} {spec.version} run {context.run_id[:8]}"
+    try:
+        took = postgres.hold_lock(url, environment_lock_name(spec.environment), holder=holder, wait_s=spec.config.lock_wait_s,
+                                  on_wait=context.log.warning)
+    except LockTimeout as exc:
+        raise dg.Failure(description=f"another release of '{spec.environment}' is in progress: {exc}", allow_retries=False) from None
+    except DatabaseError as exc:
+        raise dg.Failure(description=f"cannot take the environment lock: {exc}", allow_retries=False) from None
+    if took:
+        context.log.info(f"holding the release lock of environment '{spec.environment}'")
+
+
+def applied_migrations(postgres: PostgresResource, url: str, table: str) -> list[str]:
+    if not table:
+        return []
+    with postgres.connect(url) as conn:
+        if not conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
+            return []
+        try:
+            return [r[0] for r in conn.execute(sql.SQL("SELECT name FROM {} ORDER BY run_on, id").format(sql.Identifier(table)))]
+        except psycopg.Error:
+            return [r[0] for r in conn.execute(sql.SQL("SELECT name FROM {}").format(sql.Identifier(table)))]
+
+
+@dataclass
+class MigrationResult:
+    applied: list[str] = field(default_factory=list)
+    before: list[str] = field(default_factory=list)
+    after: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    backup_id: str = ""
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dg.op(
+    description=(
+        "Runs the new artifact's migration command under the environment's release lock (a PostgreSQL advisory lock: "
+        "two migrators never overlap), with lock_timeout and statement_timeout set. Records which migrations were "
+        "applied. On failure the release stops before any deploy and the error names the backup to restore from."
+    ),
+    tags={"stage": "migrate"},
+)
+def migrate_database(
+    context: dg.OpExecutionContext,
+    spec: ReleaseSpec,
+    artifact: Artifact,
+    backup: dict,
+    postgres: PostgresResource,
+    local_stack: LocalStack,
+    docker_engine: DockerEngine,
+) -> MigrationResult:
+    if not backup.get("verified"):
+        raise dg.Failure(description="no verified backup: refusing to migrate", allow_retries=False)
+    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production, local_stack=local_stack)
+    url = env.get(spec.app.database_url_env)
+    take_environment_lock(context, spec, postgres, url)
+    table = spec.app.migrations_table
+    before = applied_migrations(postgres, url, table)
+    pgoptions = (f"-c lock_timeout={int(spec.app.migration_lock_timeout_s * 1000)} "
+                 f"-c statement_timeout={int(spec.app.migration_statement_timeout_s * 1000)}")
+    run_env = {**env.for_process(), "PGOPTIONS": pgoptions, "PGAPPNAME": f"ops-pipeline migrate {spec.version}"[:63]}
+    command = spec.app.commands.migrate
+    context.log.info(f"migrating with `{command}` from artifact {artifact.id} "
+                     f"(lock_timeout {spec.app.migration_lock_timeout_s:g} s, statement_timeout {spec.app.migration_statement_timeout_s:g} s)")
+    try:
+        if artifact.kind == "bundle":
+            result = run(Command(command, cwd=artifact.ref, env=run_env, timeout_s=spec.app.migration_statement_timeout_s + 60,
+                                 label="migration"), log=context.log.info, redactor=env.redactor)
+            duration = result.duration_s
+        else:
+            duration = docker_engine.run_once(artifact, command, run_env, log=context.log.info, redactor=env.redactor,
+                                              timeout_s=spec.app.migration_statement_timeout_s + 60)
+    except CommandError as exc:
+        after = applied_migrations(postgres, url, table)
+        partial = [m for m in after if m not in before]
+        raise dg.Failure(
+            description=(
+                f"migration failed; nothing was deployed. "
+                + (f"Migrations applied before the failure: {', '.join(partial)}. " if partial
+                   else "The database schema is unchanged (the migration ran in a transaction). ")
+                + f"Pre-migration backup: {backup['id']} ({backup['location']}); restore it with the restore_database "
+                f"job (backup_id: {backup['id']}) only if the data is damaged.\n{exc}"
+            ),
+            metadata={"backup_id": backup["id"], "applied_before_failure": dg.MetadataValue.json(partial)},
+            allow_retries=False,
+        ) from None
+    after = applied_migrations(postgres, url, table)
+    applied = [m for m in after if m not in before]
+    context.add_output_metadata({
+        "migrations_applied": dg.MetadataValue.json(applied),
+        "migrations_total": len(after),
+        "duration_s": round(duration, 2),
+        "backup_id": backup["id"],
+    })
+    context.log.info(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    return MigrationResult(applied=applied, before=before, after=after, duration_s=round(duration, 2), backup_id=backup["id"])

@@ -1,0 +1,32 @@
+"""Deploy targets. `DeployTargets` holds the runtime systems (PM2, Docker Engine, Kubernetes) and the HTTP prober,
+and builds the target a release spec names."""
+
+import dagster as dg
+from pydantic import Field
+
+from ops_pipeline.redaction import Redactor
+from ops_pipeline.resources.health import HttpProber
+from ops_pipeline.resources.images import DockerEngine
+from ops_pipeline.resources.kubernetes import KubernetesResource
+from ops_pipeline.resources.targets.base import DeployTarget
+from ops_pipeline.resources.targets.pm2 import Pm2Resource
+from ops_pipeline.spec import DeployTargetKind, ReleaseSpec
+
+
+class DeployTargets(dg.ConfigurableResource):
+    """The systems releases run on; the release spec's `target.kind` picks one."""
+
+    pm2: Pm2Resource = Field(default_factory=Pm2Resource, description="PM2 on this host.")
+    docker: DockerEngine = Field(default_factory=DockerEngine, description="Docker Engine API (DOCKER_HOST).")
+    kubernetes: KubernetesResource = Field(default_factory=KubernetesResource, description="Kubernetes API.")
+    prober: HttpProber = Field(default_factory=HttpProber, description="HTTP health probes.")
+
+    def for_spec(self, spec: ReleaseSpec, redactor: Redactor | None = None) -> DeployTarget:
+        kind = spec.target.kind
+        if kind == DeployTargetKind.pm2:
+            return self.pm2.target(spec, self.prober, redactor)
+        if kind == DeployTargetKind.docker:
+            return self.docker.target(spec, self.prober, redactor)
+        if kind == DeployTargetKind.kubernetes:
+            return self.kubernetes.target(spec, redactor)
+        raise ValueError(f"target.kind: unknown deploy target {kind!r}")

@@ -1,0 +1,117 @@
+"""What every deploy target offers: what is serving, roll this artifact out, where to probe.
+
+PM2, Docker and Kubernetes differ only behind this small surface. A rollout is always one instance at
+a time: start one new instance, wait until it is healthy on its own, then take one old instance out
+(drained), repeat. A new instance that never gets healthy stops the rollout with the old ones serving.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+LogFn = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """The deployable thing `build_image` produced: a release bundle folder or an OCI image."""
+
+    kind: str  # "bundle" | "image"
+    id: str  # e.g. node-api-3f2a9c1-dirty-1a2b3c4d5e6f, or the image reference
+    ref: str  # bundle path, or image reference (repo:tag) / digest reference
+    commit: str
+    dirty: bool
+    content_hash: str  # sha256 of the bundle's files, or the image digest
+    size_bytes: int = 0
+    image_id: str = ""
+    digest_ref: str = ""  # repo@sha256:... when pushed
+    built_s: float = 0.0
+    reused: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> Artifact:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Instance:
+    id: str  # pm_id, container id, pod name
+    name: str
+    version: str
+    status: str  # online / running / starting / errored / ...
+    probe_url: str  # this instance's own health URL ("" if it cannot be probed alone)
+    restarts: int = 0
+    deploy_id: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class RolloutStep:
+    action: str  # "started", "healthy", "removed", "failed", "aborted"
+    instance: str
+    version: str
+    seconds: float
+    detail: str = ""
+
+
+@dataclass
+class RolloutReport:
+    version: str
+    previous_versions: list[str]
+    steps: list[RolloutStep] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
+    finished_at: float = 0.0
+    instances: list[str] = field(default_factory=list)
+
+    def add(self, action: str, instance: str, version: str, started: float, detail: str = "") -> None:
+        self.steps.append(RolloutStep(action, instance, version, round(time.monotonic() - started, 3), detail))
+
+    @property
+    def duration_s(self) -> float:
+        return (self.finished_at or time.time()) - self.started_at
+
+    def order(self) -> list[str]:
+        return [f"{s.action} {s.instance} ({s.version}) at +{s.seconds:.1f}s" for s in self.steps]
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class RolloutError(RuntimeError):
+    """The rollout stopped. `serving` says what is serving now (the old version, when it could be kept)."""
+
+    def __init__(self, message: str, report: RolloutReport, serving: list[Instance] | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+        self.serving = serving or []
+
+
+class DeployTarget(ABC):
+    """One environment's runtime: PM2 on this host, containers on a Docker Engine, or a Kubernetes Deployment."""
+
+    kind: str = "?"
+
+    @abstractmethod
+    def serving(self) -> list[Instance]:
+        """The app's instances as the runtime reports them now (read from the runtime, not remembered)."""
+
+    @abstractmethod
+    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> None:
+        """Make the artifact available where it runs (release folder, image pulled) without serving it."""
+
+    @abstractmethod
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
+        """Replace the serving instances by `version`, one at a time, without dropping requests."""
+
+    def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
+        """Remove old release material, never anything in `keep_versions`. Returns what was removed."""
+        return []
+
+    def serving_versions(self) -> set[str]:
+        return {i.version for i in self.serving() if i.status in ("online", "running", "healthy")}

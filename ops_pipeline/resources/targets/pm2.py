@@ -1,0 +1,371 @@
+"""PM2 target: the app in PM2 cluster mode on this host, released from immutable release folders.
+
+Layout per environment (`<state>/envs/<env>/` by default):
+
+    app/releases/<version>/   hard-linked copy of the release bundle (+ release.json)
+    app/current -> releases/<version>   what should be serving (moved after a rollout succeeds)
+    pm2/                      PM2_HOME (the PM2 daemon of this environment)
+    logs/                     one log file per instance
+
+Every instance is its own PM2 process in cluster mode: PM2's daemon is the cluster master, so all
+instances of all versions share the public port, and each also listens on a private INSTANCE_PORT
+where it is probed on its own. A rollout is a surge, one slot at a time: start the new instance,
+wait until it answers healthy with the new version on its private port, then delete one old instance
+(PM2 sends SIGINT; the app stops accepting, drains keep-alive connections and finishes in-flight
+requests within kill_timeout). A new instance that never gets healthy is deleted and the old ones keep
+serving. State is read back from PM2 (`pm2 jlist`), never remembered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from ops_pipeline import paths
+from ops_pipeline.commands import Command, CommandError, run, which
+from ops_pipeline.local_stack import free_port
+from ops_pipeline.redaction import Redactor
+from ops_pipeline.resources.health import HttpProber
+from ops_pipeline.resources.targets.base import (
+    Artifact,
+    DeployTarget,
+    Instance,
+    LogFn,
+    RolloutError,
+    RolloutReport,
+)
+from ops_pipeline.spec import ReleaseSpec
+
+BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
+
+
+class Pm2Resource(dg.ConfigurableResource):
+    """PM2, the Node.js process manager (cluster mode). One PM2 daemon per environment."""
+
+    pm2_bin: str = Field("", description="pm2 executable (default: tools/node_modules/.bin/pm2, then PATH).")
+
+    def binary(self) -> str:
+        if self.pm2_bin:
+            return self.pm2_bin
+        found = which("pm2", [paths.project_root() / "tools" / "node_modules" / ".bin"])
+        if not found:
+            raise FileNotFoundError("pm2 not found: run `make setup` (installs tools/node_modules) or set pm2_bin")
+        return found
+
+    def target(self, spec: ReleaseSpec, prober: HttpProber, redactor: Redactor | None = None) -> Pm2Target:
+        return Pm2Target(spec, self.binary(), prober, redactor or Redactor())
+
+
+class Pm2Target(DeployTarget):
+    kind = "pm2"
+
+    def __init__(self, spec: ReleaseSpec, pm2_bin: str, prober: HttpProber, redactor: Redactor) -> None:
+        self.spec = spec
+        self.pm2_bin = pm2_bin
+        self.prober = prober
+        self.redactor = redactor
+        cfg = spec.target.pm2
+        env_dir = spec.env_dir()
+        self.home = Path(cfg.home) if cfg.home else env_dir / "pm2"
+        self.deploy_root = Path(cfg.deploy_root) if cfg.deploy_root else env_dir / "app"
+        self.releases = self.deploy_root / "releases"
+        self.current = self.deploy_root / "current"
+        self.logs = env_dir / "logs"
+        self.app_files = env_dir / "pm2-apps"
+
+    # ---- PM2 CLI ------------------------------------------------------------------------------
+    def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        # A clean environment: the app gets its own variables, not the orchestrator's (AWS keys, ...).
+        env = {k: os.environ[k] for k in BASE_ENV_KEYS if k in os.environ}
+        env["PM2_HOME"] = str(self.home)
+        env.setdefault("HOME", str(self.home))
+        if extra:
+            env.update(extra)
+        return env
+
+    def pm2(self, *args: str, extra_env: dict[str, str] | None = None, log: LogFn | None = None, check: bool = True,
+            timeout_s: float = 120) -> str:
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        import subprocess
+
+        proc = subprocess.run([self.pm2_bin, *args], env=self._env(extra_env), capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+        out = self.redactor(proc.stdout + proc.stderr)
+        if check and proc.returncode != 0:
+            raise CommandError(f"`pm2 {' '.join(args)}` exited with status {proc.returncode}: {out[-1500:]}")
+        if log and out.strip() and args[0] not in ("jlist",):
+            for line in out.strip().splitlines()[-5:]:
+                if line.strip() and not line.startswith(("│", "┌", "└", "├")):
+                    log(f"pm2: {line.strip()}")
+        return proc.stdout
+
+    def _jlist(self) -> list[dict]:
+        if not (self.home / "pm2.pid").exists():
+            return []  # no daemon: nothing is running (do not spawn one just to ask)
+        out = self.pm2("jlist", check=False, timeout_s=30)
+        start = out.find("[")
+        try:
+            return json.loads(out[start:]) if start >= 0 else []
+        except json.JSONDecodeError:
+            return []
+
+    def daemon_alive(self) -> bool:
+        pidfile = self.home / "pm2.pid"
+        if not pidfile.exists():
+            return False
+        try:
+            os.kill(int(pidfile.read_text().strip()), 0)
+            return True
+        except (ValueError, ProcessLookupError):
+            return False
+
+    # ---- state --------------------------------------------------------------------------------
+    def serving(self) -> list[Instance]:
+        instances = []
+        for p in self._jlist():
+            env = p.get("pm2_env", {})
+            if env.get("OPS_APP") != self.spec.app.name or env.get("OPS_ENV") != self.spec.environment:
+                continue
+            port = env.get(self.spec.app.instance_port_env) or env.get("INSTANCE_PORT")
+            status = env.get("status", "?")
+            instances.append(
+                Instance(
+                    id=str(p.get("pm_id")),
+                    name=p.get("name", ""),
+                    version=env.get(self.spec.app.version_env, env.get("APP_VERSION", "?")),
+                    status=status,
+                    probe_url=f"http://127.0.0.1:{port}{self.spec.app.health_path}" if port else "",
+                    restarts=int(env.get("restart_time", 0) or 0),
+                    deploy_id=env.get("OPS_DEPLOY_ID", ""),
+                    extra={"pid": p.get("pid"), "slot": env.get("OPS_SLOT"), "release_dir": env.get("pm_cwd", "")},
+                )
+            )
+        return sorted(instances, key=lambda i: (i.extra.get("slot") or "", int(i.id)))
+
+    def current_version(self) -> str | None:
+        try:
+            return json.loads((self.current / "release.json").read_text())["version"]
+        except (OSError, ValueError, KeyError):
+            return None
+
+    # ---- release folders ----------------------------------------------------------------------
+    def release_dir(self, version: str) -> Path:
+        return self.releases / version
+
+    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> None:
+        dest = self.release_dir(version)
+        if (dest / "release.json").exists():
+            data = json.loads((dest / "release.json").read_text())
+            if data.get("artifact_id") == artifact.id:
+                log(f"release folder {dest} already holds {artifact.id}")
+                return
+            raise RolloutError(
+                f"release folder {dest} already holds another artifact ({data.get('artifact_id')}); versions are immutable",
+                RolloutReport(version, []),
+            )
+        src = Path(artifact.ref)
+        if not src.is_dir():
+            raise RolloutError(f"artifact {artifact.id} not found at {src} (was it pruned?)", RolloutReport(version, []))
+        self.releases.mkdir(parents=True, exist_ok=True)
+        tmp = self.releases / f".{version}.{uuid.uuid4().hex[:8]}"
+        started = time.monotonic()
+        # Hard links: instant and the bundle stays byte-identical to the built artifact.
+        shutil.copytree(src, tmp, copy_function=_link_or_copy, symlinks=True)
+        (tmp / "release.json").write_text(json.dumps({
+            "version": version, "artifact_id": artifact.id, "commit": artifact.commit, "dirty": artifact.dirty,
+            "content_hash": artifact.content_hash, "created_at": time.time(),
+        }, indent=2))
+        tmp.rename(dest)
+        log(f"release folder {dest} ready in {time.monotonic() - started:.2f} s")
+
+    def _switch_current(self, version: str) -> None:
+        tmp = self.deploy_root / f".current.{uuid.uuid4().hex[:8]}"
+        tmp.symlink_to(Path("releases") / version)
+        tmp.replace(self.current)  # atomic rename over the old link
+
+    def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
+        keep_n = self.spec.target.pm2.keep_releases
+        if not self.releases.is_dir():
+            return []
+        dirs = sorted((d for d in self.releases.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                      key=lambda d: d.stat().st_mtime, reverse=True)
+        protected = set(keep_versions) | {i.version for i in self.serving()}
+        cur = self.current_version()
+        if cur:
+            protected.add(cur)
+        removed = []
+        kept = 0
+        for d in dirs:
+            if d.name in protected:
+                continue
+            kept += 1
+            if kept + len(protected) > keep_n:
+                shutil.rmtree(d, ignore_errors=True)
+                removed.append(d.name)
+        if removed:
+            log(f"pruned release folders: {', '.join(removed)} (kept {keep_n}, protected {', '.join(sorted(protected))})")
+        return removed
+
+    # ---- rollout ------------------------------------------------------------------------------
+    def _instance_name(self, slot: int, version: str) -> str:
+        return f"{self.spec.app.name}-{self.spec.environment}-{slot}@{version}"
+
+    def _start_instance(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], log: LogFn) -> tuple[str, int]:
+        app = self.spec.app
+        cfg = self.spec.target.pm2
+        port = free_port()
+        name = self._instance_name(slot, version)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.app_files.mkdir(parents=True, exist_ok=True)
+        logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        # Non-secret settings go in the app file; secrets only travel in the CLI's environment, so they
+        # are never written to disk by us. (No `env` block may shadow them: PM2 lets it win.)
+        public_env = {
+            "OPS_APP": app.name,
+            "OPS_ENV": self.spec.environment,
+            "OPS_SLOT": str(slot),
+            "OPS_DEPLOY_ID": deploy_id,
+            app.version_env: version,
+            app.port_env: str(self.spec.target.port),
+            app.instance_port_env: str(port),
+            "SHUTDOWN_TIMEOUT_MS": str(int(app.shutdown_timeout_s * 1000)),
+        }
+        definition = {
+            "apps": [{
+                "name": name,
+                "script": str(self.release_dir(version) / app.entrypoint),
+                "cwd": str(self.release_dir(version)),
+                "exec_mode": "cluster",
+                "instances": 1,
+                "wait_ready": True,
+                "listen_timeout": int(cfg.listen_timeout_s * 1000),
+                "kill_timeout": int(cfg.kill_timeout_s * 1000),
+                "max_memory_restart": cfg.max_memory_restart,
+                "autorestart": True,
+                "exp_backoff_restart_delay": 200,
+                "merge_logs": True,
+                "out_file": str(logfile),
+                "error_file": str(logfile),
+                "log_date_format": "YYYY-MM-DDTHH:mm:ss.SSSZ",
+                "env": public_env,
+            }]
+        }
+        app_file = self.app_files / f"{deploy_id}-{slot}.json"
+        app_file.write_text(json.dumps(definition, indent=2))
+        self.pm2("start", str(app_file), extra_env={**app_env, **public_env}, log=log,
+                 timeout_s=cfg.listen_timeout_s + 30)
+        return name, port
+
+    def _find(self, name: str, deploy_id: str) -> Instance | None:
+        for i in self.serving():
+            if i.name == name and i.deploy_id == deploy_id:
+                return i
+        return None
+
+    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str) -> tuple[bool, str]:
+        url = f"http://127.0.0.1:{port}{self.spec.app.health_path}"
+        cfg = self.spec.target.pm2
+        deadline = time.monotonic() + cfg.listen_timeout_s
+        streak, last = 0, None
+        next_state_check = 0.0
+        while time.monotonic() < deadline:
+            p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0))
+            last = p
+            streak = streak + 1 if p.healthy_for(version) else 0
+            if streak >= 2:
+                return True, p.summary()
+            if time.monotonic() >= next_state_check:
+                inst = self._find(name, deploy_id)
+                if inst is None:
+                    return False, "the process disappeared from PM2"
+                if inst.status == "errored" or inst.restarts >= 2:
+                    return False, f"crash loop: status {inst.status}, {inst.restarts} restarts; last probe: {p.summary()}"
+                next_state_check = time.monotonic() + 1.0
+            time.sleep(0.2)
+        return False, f"not healthy within {cfg.listen_timeout_s:.0f} s; last probe: {last.summary() if last else 'none'}"
+
+    def _log_tail(self, name: str, lines: int = 20) -> str:
+        logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        try:
+            text = logfile.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return self.redactor("\n".join(text))
+
+    def _delete(self, inst: Instance, log: LogFn) -> None:
+        # PM2 sends SIGINT, waits kill_timeout for the app to drain, then SIGKILL.
+        self.pm2("delete", inst.id, log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
+
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
+        self.prepare(artifact, version, log)
+        deploy_id = uuid.uuid4().hex[:12]
+        old = [i for i in self.serving()]
+        report = RolloutReport(version=version, previous_versions=sorted({i.version for i in old}))
+        n = self.spec.target.instances
+        started = time.monotonic()
+        new: list[Instance] = []
+        log(f"rolling out {version} to {n} instance(s) on PM2 (one at a time); serving now: "
+            f"{', '.join(f'{i.name}[{i.status}]' for i in old) or 'nothing'}")
+        for slot in range(n):
+            name, port = self._start_instance(slot, version, deploy_id, app_env, log)
+            report.add("started", name, version, started, f"instance port {port}")
+            healthy, detail = self._wait_instance_healthy(name, deploy_id, port, version)
+            if not healthy:
+                tail = self._log_tail(name)
+                report.add("failed", name, version, started, detail)
+                # Stop the rollout: remove every new instance, the old ones were never touched.
+                for inst in [i for i in self.serving() if i.deploy_id == deploy_id]:
+                    self._delete(inst, log)
+                    report.add("removed", inst.name, version, started, "new instance withdrawn")
+                report.finished_at = time.time()
+                serving = self.serving()
+                raise RolloutError(
+                    f"new instance {name} never became healthy ({detail}); rollout stopped, "
+                    f"{len(serving)} old instance(s) still serving {', '.join(sorted({i.version for i in serving})) or 'nothing'}"
+                    + (f"\nlast log lines of {name}:\n{tail}" if tail else ""),
+                    report,
+                    serving,
+                )
+            inst = self._find(name, deploy_id)
+            new.append(inst)
+            report.add("healthy", name, version, started, detail)
+            log(f"{name} healthy ({detail})")
+            # Take one old instance out of service (drained by the app on SIGINT).
+            if old:
+                victim = old.pop(0)
+                self._delete(victim, log)
+                report.add("removed", victim.name, victim.version, started, "drained and stopped")
+                log(f"removed {victim.name} ({victim.version})")
+        for victim in old:  # more old instances than slots (scale down)
+            self._delete(victim, log)
+            report.add("removed", victim.name, victim.version, started, "drained and stopped (scale down)")
+        self._switch_current(version)
+        self.pm2("save", check=False)
+        report.instances = [i.name for i in new if i]
+        report.finished_at = time.time()
+        return report
+
+    def instance_probe_urls(self) -> list[str]:
+        return [i.probe_url for i in self.serving() if i.probe_url]
+
+    def stop_all(self) -> None:
+        """Stop this environment's PM2 daemon and every instance (tests, teardown)."""
+        if self.home.exists():
+            self.pm2("kill", check=False, timeout_s=60)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

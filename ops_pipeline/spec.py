@@ -1,0 +1,354 @@
+"""The release spec: what is released, where, and how it is judged.
+
+`ReleaseConfig` is the typed run config the Launchpad shows (defaults release `examples/node-api` to
+the `local` environment on the embedded stack). Another Node service is released by writing another
+spec (a run config file, see `presets/`), not code. `verify_env` validates the whole config at once
+(`validate_release_config`) and turns it into a `ReleaseSpec`, which every later op receives as input.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+import dagster as dg
+from pydantic import Field
+
+from ops_pipeline import paths
+
+ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
+ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+KNOWN_DEFAULT_SECRETS = [
+    "dev-secret",
+    "secret",
+    "changeme",
+    "change-me",
+    "your-secret-key",
+    "your_jwt_secret",
+    "jwt-secret",
+    "supersecret",
+    "password",
+]
+
+
+class DeployTargetKind(str, Enum):
+    pm2 = "pm2"
+    docker = "docker"
+    kubernetes = "kubernetes"
+
+
+class CommandsConfig(dg.Config):
+    """Shell commands run in the app folder (install, lint, test, build) or in the built artifact (migrate)."""
+
+    install: str = Field(
+        "npm ci --no-audit --no-fund --prefer-offline",
+        description="Installs the app's dependencies. Skipped when the lock file has not changed since the last install.",
+    )
+    lint: str = Field("npm run lint", description="Static checks. Empty string: no lint step.")
+    test: str = Field("npm test", description="The app's test suite. Its TAP output is parsed for counts and failing test names.")
+    build: str = Field("npm run build", description="Compiles the app (e.g. TypeScript to dist/).")
+    install_production: str = Field(
+        "npm ci --omit=dev --no-audit --no-fund --prefer-offline",
+        description="Installs runtime dependencies only, inside the release bundle.",
+    )
+    migrate: str = Field(
+        "npm run migrate",
+        description="Applies pending database migrations; runs inside the built artifact with the environment's DATABASE_URL.",
+    )
+    timeout_s: float = Field(900.0, description="Deadline for any one of these commands, in seconds.")
+
+
+class AppConfig(dg.Config):
+    """The service being released: where its code is and how it is configured at run time."""
+
+    name: str = Field("node-api", description="Service name; prefixes process names, artifacts and backups.")
+    path: str = Field("examples/node-api", description="App folder (relative to the project root, or absolute).")
+    required_env: list[str] = Field(
+        ["DATABASE_URL", "REDIS_URL", "JWT_SECRET", "NODE_ENV"],
+        description="Environment variables the app needs; all are checked at once before anything else runs.",
+    )
+    secret_env: list[str] = Field(
+        ["DATABASE_URL", "REDIS_URL", "JWT_SECRET"],
+        description="Variables whose values are secret: never logged, shown or stored in run config.",
+    )
+    database_url_env: str = Field("DATABASE_URL", description="Variable holding the PostgreSQL URL.")
+    redis_url_env: str = Field("REDIS_URL", description="Variable holding the Redis URL (empty: the app uses no Redis).")
+    jwt_secret_env: str = Field("JWT_SECRET", description="Variable holding the token-signing secret (empty: none).")
+    node_env_var: str = Field("NODE_ENV", description="Variable naming the runtime mode (must be 'production' in production).")
+    min_secret_length: int = Field(32, description="Minimum length of the signing secret in production.")
+    commands: CommandsConfig = Field(default_factory=CommandsConfig)
+    bundle_paths: list[str] = Field(
+        ["dist", "migrations", "package.json", "package-lock.json", "ecosystem.config.js"],
+        description="Files and folders copied from the app folder into the immutable release bundle.",
+    )
+    entrypoint: str = Field("dist/server.js", description="Script the process manager starts, relative to the bundle.")
+    health_path: str = Field("/health", description="Health endpoint: 200 when healthy, JSON with a 'version' field.")
+    version_env: str = Field("APP_VERSION", description="Variable through which the app learns the release version it runs.")
+    port_env: str = Field("PORT", description="Variable giving the app its shared listening port.")
+    instance_port_env: str = Field(
+        "INSTANCE_PORT", description="Variable giving one instance a private port, so it can be probed on its own."
+    )
+    migrations_table: str = Field("pgmigrations", description="Table where the migration tool records applied migrations.")
+    migration_lock_timeout_s: float = Field(
+        5.0, description="lock_timeout for migrations: a DDL statement waiting longer for a lock fails instead of stalling traffic."
+    )
+    migration_statement_timeout_s: float = Field(900.0, description="statement_timeout for migrations.")
+    shutdown_timeout_s: float = Field(10.0, description="How long the app drains in-flight requests on SIGTERM/SIGINT.")
+
+
+class Pm2Config(dg.Config):
+    """PM2 process manager target (cluster mode on this host)."""
+
+    home: str = Field("", description="PM2_HOME for this environment (default: <state>/envs/<env>/pm2).")
+    deploy_root: str = Field("", description="Holds releases/<version> and the `current` link (default: <state>/envs/<env>/app).")
+    keep_releases: int = Field(5, description="Release folders kept for rollback; the serving and last good ones are never pruned.")
+    listen_timeout_s: float = Field(20.0, description="How long a new instance may take to start listening.")
+    kill_timeout_s: float = Field(15.0, description="Grace period PM2 gives a stopping instance before SIGKILL.")
+    max_memory_restart: str = Field("500M", description="PM2 restarts an instance above this memory use.")
+
+
+class DockerTargetConfig(dg.Config):
+    """Docker Engine target: replica containers on a user-defined network behind nginx."""
+
+    network: str = Field("", description="User-defined network (default: ops-<app>-<env>).")
+    image_repository: str = Field("", description="Image repository, e.g. 127.0.0.1:5000/node-api (default: localhost/<app>).")
+    base_image: str = Field("", description="BASE_IMAGE build argument for the app's Dockerfile (empty: the Dockerfile's default).")
+    push: bool = Field(True, description="Push the built image to the registry in image_repository.")
+    container_port: int = Field(3000, description="Port the app listens on inside the container.")
+    drain_s: float = Field(30.0, description="Longest time an old container is given to finish its requests.")
+    nginx_conf_dir: str = Field("", description="Where the generated nginx config lives (default: <state>/envs/<env>/nginx).")
+    env_file_vars: list[str] = Field([], description="Extra variables passed to the containers.")
+
+
+class KubernetesTargetConfig(dg.Config):
+    """Kubernetes target: a RollingUpdate Deployment."""
+
+    namespace: str = Field("default", description="Namespace of the Deployment.")
+    deployment: str = Field("api", description="Deployment name.")
+    container: str = Field("api", description="Container in the pod template whose image is set.")
+    image_repository: str = Field("", description="Image repository the cluster pulls from.")
+    api_server: str = Field("", description="API server URL (empty: kubeconfig or in-cluster config).")
+    kubeconfig: str = Field("", description="Path to a kubeconfig (empty: default loading rules).")
+    progress_deadline_s: float = Field(600.0, description="Give up on a rollout after this long.")
+
+
+class TargetConfig(dg.Config):
+    """Where the service runs and how many instances serve it."""
+
+    kind: DeployTargetKind = Field(DeployTargetKind.pm2, description="pm2 | docker | kubernetes")
+    instances: int = Field(2, description="Number of instances (PM2 cluster workers, containers or pods).")
+    host: str = Field("127.0.0.1", description="Address the service is reached on.")
+    port: int = Field(3100, description="Public port of the service (shared by all instances).")
+    public_url: str = Field("", description="URL users reach (default: http://<host>:<port>).")
+    pm2: Pm2Config = Field(default_factory=Pm2Config)
+    docker: DockerTargetConfig = Field(default_factory=DockerTargetConfig)
+    kubernetes: KubernetesTargetConfig = Field(default_factory=KubernetesTargetConfig)
+
+
+class GateConfig(dg.Config):
+    """Health gate: K consecutive healthy answers reporting the new version, within a deadline."""
+
+    interval_s: float = Field(1.0, description="Pause between probes.")
+    request_timeout_s: float = Field(5.0, description="Timeout of one probe.")
+    required_successes: int = Field(3, description="K: consecutive healthy answers that report the new version.")
+    deadline_s: float = Field(120.0, description="The gate fails if K consecutive successes are not reached by then.")
+
+
+class ReleaseConfig(dg.Config):
+    """One release of one service to one environment."""
+
+    environment: str = Field("local", description="Environment name (lower-case, e.g. local, staging, production).")
+    production: bool = Field(False, description="Marks a production environment: stricter checks, no embedded services.")
+    version: str = Field("", description="Release version (empty: v<UTC timestamp>-<git short SHA>[-dirty]).")
+    embedded_services: bool = Field(
+        True,
+        description="When DATABASE_URL / REDIS_URL are not set, start the project-local PostgreSQL and Redis.",
+    )
+    lock_wait_s: float = Field(900.0, description="How long a release waits for another release of the same environment.")
+    dependency_timeout_s: float = Field(5.0, description="Timeout for the database and Redis reachability checks.")
+    app: AppConfig = Field(default_factory=AppConfig)
+    target: TargetConfig = Field(default_factory=TargetConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
+
+
+class SpecError(ValueError):
+    """The release spec is invalid; the message lists every problem with the field it concerns."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid release spec ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n{lines}")
+
+
+def _check_url(value: str, field_name: str, schemes: tuple[str, ...], problems: list[str]) -> None:
+    if not value:
+        return
+    try:
+        parts = urlsplit(value)
+        ok = parts.scheme in schemes and bool(parts.hostname)
+        if ok:
+            parts.port  # raises on a malformed port
+    except ValueError:
+        ok = False
+    if not ok:
+        problems.append(f"{field_name}: malformed URL {value!r} (expected {'/'.join(schemes)}://host[:port]/...)")
+
+
+def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> list[str]:
+    """Every problem in the config, each naming its field. Empty list: valid."""
+    problems: list[str] = []
+    if not ENV_NAME.match(cfg.environment or ""):
+        problems.append(
+            f"environment: {cfg.environment!r} is not a valid environment name (lower-case letters, digits, '-'; starts with a letter)"
+        )
+    if cfg.version and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$", cfg.version):
+        problems.append(f"version: {cfg.version!r} may only contain letters, digits, '.', '_', '+', '-'")
+    if cfg.production and cfg.embedded_services:
+        problems.append("embedded_services: must be false in a production environment (it would release against a throw-away database)")
+    if cfg.lock_wait_s < 0:
+        problems.append(f"lock_wait_s: must be >= 0 (got {cfg.lock_wait_s})")
+    if cfg.dependency_timeout_s <= 0:
+        problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
+
+    app = cfg.app
+    if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}$", app.name or ""):
+        problems.append(f"app.name: {app.name!r} must be lower-case letters, digits and '-'")
+    if check_paths:
+        app_dir = paths.resolve(app.path)
+        if not app_dir.is_dir():
+            problems.append(f"app.path: app folder {str(app_dir)!r} does not exist")
+        elif not (app_dir / "package.json").is_file():
+            problems.append(f"app.path: {str(app_dir)!r} has no package.json")
+    for name in [*app.required_env, *app.secret_env]:
+        if not ENV_VAR.match(name):
+            problems.append(f"app.required_env: {name!r} is not a valid environment variable name")
+    for fname in ("database_url_env", "redis_url_env", "jwt_secret_env", "node_env_var", "version_env", "port_env", "instance_port_env"):
+        value = getattr(app, fname)
+        if value and not ENV_VAR.match(value):
+            problems.append(f"app.{fname}: {value!r} is not a valid environment variable name")
+    if not app.health_path.startswith("/"):
+        problems.append(f"app.health_path: must start with '/' (got {app.health_path!r})")
+    if app.min_secret_length < 1:
+        problems.append(f"app.min_secret_length: must be >= 1 (got {app.min_secret_length})")
+    if app.commands.timeout_s <= 0:
+        problems.append(f"app.commands.timeout_s: must be > 0 (got {app.commands.timeout_s})")
+    if app.migration_lock_timeout_s <= 0 or app.migration_statement_timeout_s <= 0:
+        problems.append("app.migration_lock_timeout_s / app.migration_statement_timeout_s: must be > 0")
+    if not app.commands.migrate.strip():
+        problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
+    if not app.bundle_paths:
+        problems.append("app.bundle_paths: must list at least one path")
+    for p in app.bundle_paths:
+        if p.startswith("/") or ".." in Path(p).parts:
+            problems.append(f"app.bundle_paths: {p!r} must be a relative path inside the app folder")
+
+    t = cfg.target
+    if t.instances < 1:
+        problems.append(f"target.instances: must be >= 1 (got {t.instances})")
+    elif t.instances > 64:
+        problems.append(f"target.instances: at most 64 (got {t.instances})")
+    if not (1 <= t.port <= 65535):
+        problems.append(f"target.port: must be between 1 and 65535 (got {t.port})")
+    if not t.host or any(c in t.host for c in "/ :@"):
+        problems.append(f"target.host: {t.host!r} is not a host name or address")
+    _check_url(t.public_url, "target.public_url", ("http", "https"), problems)
+    if t.kind == DeployTargetKind.pm2:
+        if t.pm2.keep_releases < 2:
+            problems.append(f"target.pm2.keep_releases: must be >= 2 to keep a rollback target (got {t.pm2.keep_releases})")
+        if t.pm2.kill_timeout_s <= app.shutdown_timeout_s:
+            problems.append(
+                f"target.pm2.kill_timeout_s: must exceed app.shutdown_timeout_s ({app.shutdown_timeout_s}) or in-flight requests are cut"
+            )
+        if t.pm2.listen_timeout_s <= 0:
+            problems.append(f"target.pm2.listen_timeout_s: must be > 0 (got {t.pm2.listen_timeout_s})")
+    if t.kind == DeployTargetKind.docker:
+        if t.docker.drain_s < 0:
+            problems.append(f"target.docker.drain_s: must be >= 0 (got {t.docker.drain_s})")
+        if not (1 <= t.docker.container_port <= 65535):
+            problems.append(f"target.docker.container_port: must be between 1 and 65535 (got {t.docker.container_port})")
+    if t.kind == DeployTargetKind.kubernetes:
+        k = t.kubernetes
+        _check_url(k.api_server, "target.kubernetes.api_server", ("http", "https"), problems)
+        for fname in ("namespace", "deployment", "container"):
+            if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", getattr(k, fname) or ""):
+                problems.append(f"target.kubernetes.{fname}: {getattr(k, fname)!r} is not a valid Kubernetes name")
+        if not k.image_repository:
+            problems.append("target.kubernetes.image_repository: required for the kubernetes target (the cluster pulls from it)")
+
+    g = cfg.gate
+    if g.interval_s <= 0:
+        problems.append(f"gate.interval_s: must be > 0 (got {g.interval_s})")
+    if g.request_timeout_s <= 0:
+        problems.append(f"gate.request_timeout_s: must be > 0 (got {g.request_timeout_s})")
+    if g.required_successes < 1:
+        problems.append(f"gate.required_successes: must be >= 1 (got {g.required_successes})")
+    if g.deadline_s <= 0:
+        problems.append(f"gate.deadline_s: must be > 0 (got {g.deadline_s})")
+    elif g.required_successes >= 1 and g.interval_s > 0 and (g.required_successes - 1) * g.interval_s >= g.deadline_s:
+        problems.append(
+            f"gate.required_successes: {g.required_successes} probes {g.interval_s} s apart need "
+            f"{(g.required_successes - 1) * g.interval_s:.1f} s, more than gate.deadline_s ({g.deadline_s} s)"
+        )
+    return problems
+
+
+@dataclass(frozen=True)
+class ReleaseSpec:
+    """A validated release: the config plus what was derived from it. Passed from op to op."""
+
+    config: ReleaseConfig
+    version: str
+    app_dir: str
+    commit: str = ""
+    dirty: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def environment(self) -> str:
+        return self.config.environment
+
+    @property
+    def app(self) -> AppConfig:
+        return self.config.app
+
+    @property
+    def target(self) -> TargetConfig:
+        return self.config.target
+
+    @property
+    def gate(self) -> GateConfig:
+        return self.config.gate
+
+    @property
+    def public_url(self) -> str:
+        t = self.config.target
+        return t.public_url or f"http://{t.host}:{t.port}"
+
+    @property
+    def health_url(self) -> str:
+        return self.public_url.rstrip("/") + self.config.app.health_path
+
+    def env_dir(self) -> Path:
+        return paths.environment_dir(self.environment)
+
+    def to_json(self) -> dict:
+        return {
+            "config": json.loads(self.config.model_dump_json()),
+            "version": self.version,
+            "app_dir": self.app_dir,
+            "commit": self.commit,
+            "dirty": self.dirty,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict, *, version: Optional[str] = None) -> "ReleaseSpec":
+        return cls(
+            config=ReleaseConfig(**data["config"]),
+            version=version or data["version"],
+            app_dir=data["app_dir"],
+            commit=data.get("commit", ""),
+            dirty=bool(data.get("dirty", False)),
+        )
