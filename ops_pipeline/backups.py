@@ -256,7 +256,10 @@ def stream_decompressed(store: BackupStore, scope: str, backup_id: str, sink, sh
         n += len(chunk)
         if sha is not None:
             sha.update(chunk)
-        out = dobj.decompress(chunk)
+        try:
+            out = dobj.decompress(chunk)
+        except zstandard.ZstdError as exc:
+            raise BackupError(f"backup {backup_id} is corrupted: zstd: {exc}") from None
         if out:
             sink(out)
     if not dobj.eof:

@@ -1,0 +1,248 @@
+"""Backups against a real PostgreSQL (its pg_dump / pg_restore): verified, atomic, rotated safely, restorable."""
+
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+
+from ops_pipeline import backups
+from ops_pipeline.resources.backup_store import BackupStore
+from ops_pipeline.resources.postgres import ConnInfo, PostgresResource
+from tests.conftest import make_defs
+
+PG = PostgresResource()
+
+
+@pytest.fixture
+def store(tmp_path) -> BackupStore:
+    return BackupStore(local_dir=str(tmp_path / "store"))
+
+
+def files_in(store: BackupStore) -> list[str]:
+    root = Path(store.local_dir)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def test_backup_is_streamed_verified_and_manifest_written_last(scratch_db, store):
+    m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
+    assert m["verified"] and m["verification"]["ok"] and m["verification"]["toc_entries"] > 5
+    assert m["table_counts"] == {"public.customers": 5000, "public.orders": 20000}
+    assert m["stored_bytes"] < m["dump_bytes"] and m["mb_per_s"] > 0
+    dump = Path(store.local_dir) / "backups" / m["scope"] / m["id"] / "dump.pgc.zst"
+    manifest = dump.parent / "manifest.json"
+    assert dump.exists() and manifest.exists()
+    assert manifest.stat().st_mtime_ns >= dump.stat().st_mtime_ns
+    import hashlib
+
+    assert hashlib.sha256(dump.read_bytes()).hexdigest() == m["sha256"]
+    assert json.loads(manifest.read_text())["id"] == m["id"]
+    assert [x["id"] for x in store.manifests(m["scope"])] == [m["id"]]
+
+
+def test_counts_match_the_dump_snapshot_even_under_concurrent_writes(scratch_db, store):
+    import threading
+
+    stop = threading.Event()
+
+    def writer():
+        with psycopg.connect(scratch_db, autocommit=True) as c:
+            while not stop.is_set():
+                c.execute("INSERT INTO orders (customer_id, total, note) VALUES (1, 1, 'x')")
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
+    finally:
+        stop.set()
+        t.join()
+    target = f"r_{time.time_ns() % 10**8}"
+    backups.restore_into(PG, store, m, scratch_db, target, log=print)
+    try:
+        assert backups.compare_counts(m["table_counts"], PG.table_row_counts(scratch_db, target)) == []
+    finally:
+        backups.drop_database(PG, scratch_db, target)
+
+
+@pytest.mark.parametrize("fault", ["missing_database", "wrong_password", "unreachable"])
+def test_bad_connection_fails_clearly_and_leaves_nothing(scratch_db, store, fault):
+    info = ConnInfo.parse(scratch_db)
+    url = {
+        "missing_database": info.url("no_such_database"),
+        "wrong_password": f"postgresql://{info.user}:WRONG-pw-123@{info.host}:{info.port}/{info.database}",
+        "unreachable": f"postgresql://{info.user}:{info.password}@127.0.0.1:9/{info.database}",
+    }[fault]
+    with pytest.raises(backups.BackupError) as err:
+        backups.take_backup(PG, store, url, trigger="manual", environment="test", log=print)
+    msg = str(err.value)
+    assert info.password not in msg and "WRONG-pw-123" not in msg
+    assert {"missing_database": "no_such_database", "wrong_password": "password", "unreachable": "cannot connect"}[fault] in msg
+    assert files_in(store) == []
+
+
+def _wrapper_bin(tmp_path: Path, body: str) -> PostgresResource:
+    """A bin_dir whose pg_dump is a wrapper around the real one; the other tools are the real ones."""
+    real = Path(PG.binary("pg_dump")).parent
+    d = tmp_path / "bin"
+    d.mkdir()
+    for tool in ("pg_restore", "pg_amcheck", "psql"):
+        (d / tool).symlink_to(real / tool)
+    script = d / "pg_dump"
+    script.write_text(f"#!/bin/sh\nREAL={real}/pg_dump\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return PostgresResource(bin_dir=str(d))
+
+
+def test_pg_dump_killed_mid_stream_registers_nothing(scratch_db, store, tmp_path):
+    with psycopg.connect(scratch_db, autocommit=True) as c:
+        c.execute("INSERT INTO orders (customer_id, total, note) SELECT 1, i, repeat(md5(i::text), 8) FROM generate_series(1, 300000) i")
+    # The real pg_dump, SIGKILLed by timeout(1) a moment after it started streaming.
+    pg = _wrapper_bin(tmp_path, 'case "$1" in --version) exec "$REAL" "$@";; esac\nexec timeout -s KILL 0.3 "$REAL" "$@"')
+    with pytest.raises(backups.BackupError) as err:
+        backups.take_backup(pg, store, scratch_db, trigger="manual", environment="test", log=print)
+    assert "status" in str(err.value)
+    assert files_in(store) == []  # no manifest, no partial file
+    assert backups.plan_retention(store.manifests("test/" + ConnInfo.parse(scratch_db).database), backups.RetentionPolicy()).delete == []
+
+
+def test_pg_dump_older_than_server_fails_fast(scratch_db, store, tmp_path):
+    pg = _wrapper_bin(tmp_path, 'echo "pg_dump (PostgreSQL) 12.22"; exit 0')
+    with pytest.raises(backups.BackupError) as err:
+        backups.take_backup(pg, store, scratch_db, trigger="manual", environment="test", log=print)
+    assert "older than the server" in str(err.value)
+    assert files_in(store) == []
+
+
+def test_truncated_or_corrupted_backup_fails_verification(scratch_db, store):
+    m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
+    dump = Path(store.local_dir) / "backups" / m["scope"] / m["id"] / "dump.pgc.zst"
+    data = dump.read_bytes()
+    dump.write_bytes(data[: len(data) // 2])
+    with pytest.raises(backups.BackupError, match="unreadable|truncated|sha256|could not read"):
+        backups.verify_stored(store, PG, m["scope"], m["id"], m["sha256"])
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    dump.write_bytes(bytes(flipped))
+    with pytest.raises(backups.BackupError):
+        backups.verify_stored(store, PG, m["scope"], m["id"], m["sha256"])
+
+
+def _manifest(bid: str, finished: float, trigger="nightly", verified=True) -> dict:
+    return {"id": bid, "finished_at": finished, "trigger": trigger, "verified": verified}
+
+
+def test_retention_gfs_keeps_daily_weekly_monthly_newest_and_floor():
+    day = 86400.0
+    now = 1_800_000_000.0
+    ms = [_manifest(f"b{i:03d}", now - i * day) for i in range(0, 400)]  # one backup a day for 400 days
+    plan = backups.plan_retention(ms, backups.RetentionPolicy(daily=7, weekly=4, monthly=6, floor=3, keep_pre_release=0), now=now)
+    kept = set(plan.keep)
+    assert "b000" in kept and {f"b{i:03d}" for i in range(7)} <= kept
+    assert 7 <= len(kept) <= 7 + 4 + 6
+    assert len(plan.delete) == 400 - len(kept)
+    oldest_kept = max(int(k[1:]) for k in kept)
+    assert 120 <= oldest_kept <= 185  # the newest backup of the month five months back
+
+
+def test_retention_never_counts_unverified_and_respects_the_floor():
+    now = 1_800_000_000.0
+    ms = [_manifest("good-old", now - 90 * 86400), _manifest("bad1", now - 100, verified=False),
+          _manifest("bad2", now - 50, verified=False)]
+    plan = backups.plan_retention(ms, backups.RetentionPolicy(daily=0, weekly=0, monthly=0, floor=1), now=now)
+    assert plan.keep == {"good-old": ["newest verified", "floor (1 newest)"]} and plan.delete == []
+
+
+def test_retention_keeps_pre_release_backups():
+    now = 1_800_000_000.0
+    ms = [_manifest(f"n{i}", now - i * 3600) for i in range(10)] + [_manifest("pre", now - 5 * 3600 - 1, trigger="pre-release")]
+    plan = backups.plan_retention(ms, backups.RetentionPolicy(daily=1, weekly=0, monthly=0, floor=1, keep_pre_release=1), now=now)
+    assert "pre" in plan.keep and "n0" in plan.keep and "n5" in plan.delete
+
+
+def backup_run_config(environment: str, **retention) -> dict:
+    return {"ops": {"backup_target": {"config": {"environment": environment, "trigger": "nightly"}},
+                    "prune_backups": {"config": retention}}}
+
+
+def test_backup_job_materializes_asset_and_prunes_only_after_verified_backup(scratch_db, store, instance, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", scratch_db)
+    defs = make_defs(backup_store=store)
+    job = defs.get_job_def("backup")
+    results = [job.execute_in_process(run_config=backup_run_config("bk", floor=2, daily=1, weekly=0, monthly=0, dry_run=True),
+                                      instance=instance) for _ in range(3)]
+    assert all(r.success for r in results)
+    scope = "bk/" + ConnInfo.parse(scratch_db).database
+    assert len(store.manifests(scope)) == 3  # dry run deleted nothing
+    assert results[-1].output_for_node("prune_backups")["would_delete"]
+    mats = instance.fetch_materializations(dg.AssetKey(["backups", "bk", ConnInfo.parse(scratch_db).database]), limit=10).records
+    assert len(mats) == 3
+    md = mats[0].asset_materialization.metadata
+    assert {"size_bytes", "sha256", "duration_s", "mb_per_s", "location"} <= set(md)
+    r = job.execute_in_process(run_config=backup_run_config("bk", floor=2, daily=1, weekly=0, monthly=0), instance=instance)
+    assert r.success and len(store.manifests(scope)) == 2  # floor 2
+    # A failing backup (database gone) never reaches pruning.
+    monkeypatch.setenv("DATABASE_URL", ConnInfo.parse(scratch_db).url("gone_db"))
+    r = job.execute_in_process(run_config=backup_run_config("bk", floor=1, daily=0, weekly=0, monthly=0), instance=instance,
+                               raise_on_error=False)
+    assert not r.success
+    assert [e.step_key for e in r.get_step_failure_events()] == ["backup_database"]
+    assert len(store.manifests(scope)) == 2
+
+
+def test_restore_drill_passes_on_good_backup_and_catches_corruption(scratch_db, store, instance, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", scratch_db)
+    defs = make_defs(backup_store=store)
+    assert defs.get_job_def("backup").execute_in_process(run_config=backup_run_config("dr"), instance=instance).success
+    drill = defs.get_job_def("restore_drill")
+    cfg = {"ops": {"backup_target": {"config": {"environment": "dr"}}}}
+    r = drill.execute_in_process(run_config=cfg, instance=instance)
+    assert r.success
+    out = r.output_for_node("drill_newest_backup")
+    assert out["count_mismatches"] == [] and out["rows"] == 25000 and out["timing"]["restore_s"] > 0
+    with psycopg.connect(scratch_db, autocommit=True) as c:  # scratch database dropped
+        assert not c.execute("SELECT 1 FROM pg_database WHERE datname = %s", (out["scratch_database"],)).fetchone()
+    scope = "dr/" + ConnInfo.parse(scratch_db).database
+    m = store.manifests(scope)[0]
+    dump = Path(store.local_dir) / "backups" / scope / m["id"] / "dump.pgc.zst"
+    data = bytearray(dump.read_bytes())
+    data[-100] ^= 0xFF
+    dump.write_bytes(bytes(data))
+    r = drill.execute_in_process(run_config=cfg, instance=instance, raise_on_error=False)
+    assert not r.success
+    assert "corrupted" in r.get_step_failure_events()[0].step_failure_data.error.message
+
+
+def test_restore_never_touches_live_database_without_confirmation(scratch_db, store, instance, monkeypatch):
+    monkeypatch.setenv("DATABASE_URL", scratch_db)
+    defs = make_defs(backup_store=store)
+    assert defs.get_job_def("backup").execute_in_process(run_config=backup_run_config("rs"), instance=instance).success
+    with psycopg.connect(scratch_db, autocommit=True) as c:
+        c.execute("DELETE FROM orders WHERE id > 100")  # the "accident"
+    live = ConnInfo.parse(scratch_db).database
+    restore = defs.get_job_def("restore_database")
+    base = {"environment": "rs"}
+    # switch_over without the typed confirmation: refused before anything happens
+    r = restore.execute_in_process(run_config={"ops": {"restore_into_new_database": {"config": {**base, "switch_over": True}}}},
+                                   instance=instance, raise_on_error=False)
+    assert not r.success and "confirm_database" in r.get_step_failure_events()[0].step_failure_data.error.message
+    # without switch_over: restored beside, live untouched
+    r = restore.execute_in_process(run_config={"ops": {"restore_into_new_database": {"config": base}}}, instance=instance)
+    out = r.output_for_node("restore_into_new_database")
+    assert not out["switched"] and out["data_loss_window_s"] >= 0
+    assert PG.table_row_counts(scratch_db)["public.orders"] == 100
+    assert PG.table_row_counts(scratch_db, out["restored_database"])["public.orders"] == 20000
+    # with confirmation: safety backup of the live database first, then the swap
+    r = restore.execute_in_process(
+        run_config={"ops": {"restore_into_new_database": {"config": {**base, "switch_over": True, "confirm_database": live}}}},
+        instance=instance)
+    out = r.output_for_node("restore_into_new_database")
+    assert out["switched"] and out["safety_backup_id"]
+    assert PG.table_row_counts(scratch_db)["public.orders"] == 20000
+    assert PG.table_row_counts(scratch_db, out["previous_database"])["public.orders"] == 100
+    safety = [m for m in store.manifests("rs/" + live) if m["id"] == out["safety_backup_id"]][0]
+    assert safety["trigger"] == "safety" and safety["table_counts"]["public.orders"] == 100
