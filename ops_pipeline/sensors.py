@@ -98,9 +98,10 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         return state, None, f"{environment}: unhealthy, but run {running[0].run_id[:8]} ({running[0].job_name}) is in progress"
     good = hist.last_good(exclude={bad})
     if good is None:
+        latest = hist.latest()
+        if latest is not None and latest.event == history.ROLLED_BACK and latest.version == bad:
+            return state, None, f"{environment}: the last good version {bad} is what is failing; a rollback would not help"
         return state, None, f"{environment}: {bad} unhealthy and no known-good version to roll back to"
-    if good.version == bad:
-        return state, None, f"{environment}: the last good version {bad} is what is failing; a rollback would not help"
     reason = (f"health watch: {state['failures']} consecutive failed probes of {url} since "
               f"{time.strftime('%H:%M:%S', time.gmtime(state['first_failure_at']))}Z ({state.get('last_error', '')})")
     key = f"health:{environment}:{bad}"

@@ -16,10 +16,15 @@ from ops_pipeline.spec import DeployTargetKind, ReleaseSpec
 class DeployTargets(dg.ConfigurableResource):
     """The systems releases run on; the release spec's `target.kind` picks one."""
 
-    pm2: Pm2Resource = Field(default_factory=Pm2Resource, description="PM2 on this host.")
-    docker: DockerEngine = Field(default_factory=DockerEngine, description="Docker Engine API (DOCKER_HOST).")
-    kubernetes: KubernetesResource = Field(default_factory=KubernetesResource, description="Kubernetes API.")
-    prober: HttpProber = Field(default_factory=HttpProber, description="HTTP health probes.")
+    pm2: Pm2Resource = Field(description="PM2 on this host.")
+    docker: DockerEngine = Field(description="Docker Engine API (DOCKER_HOST).")
+    kubernetes: KubernetesResource = Field(description="Kubernetes API.")
+    prober: HttpProber = Field(description="HTTP health probes.")
+
+    @classmethod
+    def with_defaults(cls, **overrides) -> "DeployTargets":
+        parts = {"pm2": Pm2Resource(), "docker": DockerEngine(), "kubernetes": KubernetesResource(), "prober": HttpProber()}
+        return cls(**{**parts, **overrides})
 
     def for_spec(self, spec: ReleaseSpec, redactor: Redactor | None = None) -> DeployTarget:
         kind = spec.target.kind
