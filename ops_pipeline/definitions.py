@@ -57,7 +57,8 @@ def build_resources() -> dict:
         "deploy_targets": DeployTargets(
             pm2=Pm2Resource(pm2_bin=os.environ.get("OPS_PM2_BIN", "")),
             docker=docker,
-            kubernetes=KubernetesResource(api_server=os.environ.get("OPS_K8S_API_SERVER", "")),
+            kubernetes=KubernetesResource(api_server=os.environ.get("OPS_K8S_API_SERVER", ""),
+                                          token=_env_secret("OPS_K8S_TOKEN")),
             prober=HttpProber(),
         ),
         "docker_engine": docker,

@@ -23,6 +23,7 @@ from ops_pipeline.resources.targets import DeployTargets
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
           dg.DagsterRunStatus.STARTED]
 DEPLOY_STEPS = {"rolling_deploy", "health_gate"}
+RELEASE_FAILURE_GRACE_S = 60
 
 
 def _setting(name: str, default: float, minimum: float) -> float:
@@ -93,6 +94,16 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         return state, None, f"{environment}: {serving} healthy" if not state.get("failures") else \
             f"{environment}: {state['failures']} consecutive failed probe(s), below threshold {threshold}"
     bad = state.get("bad_version") or serving
+    latest = hist.latest()
+    if (latest is not None and latest.event == history.RELEASE_FAILED and latest.version == bad
+            and time.time() - latest.timestamp < RELEASE_FAILURE_GRACE_S):
+        # A release that failed at deploy/gate is the release-failure sensor's incident; take over only if it has
+        # not acted within the grace period (e.g. it is stopped).
+        return state, None, f"{environment}: {bad} failed its release; rollback_on_release_failure handles it"
+    requested = list(instance.get_runs(filters=dg.RunsFilter(
+        job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=1))
+    if requested:
+        return state, None, f"{environment}: rollback of {bad} already requested (run {requested[0].run_id[:8]})"
     running = active_runs(instance, environment)
     if running:
         return state, None, f"{environment}: unhealthy, but run {running[0].run_id[:8]} ({running[0].job_name}) is in progress"

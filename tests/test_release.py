@@ -12,6 +12,7 @@ from ops_pipeline import history
 from ops_pipeline.local_stack import free_port
 from ops_pipeline.resources.backup_store import BackupStore
 from ops_pipeline.resources.postgres import PostgresResource
+from tests import app_variants
 from tests.conftest import make_defs, release_run_config
 
 PG = PostgresResource()
@@ -97,12 +98,7 @@ def run_md_order(result) -> list[str]:
 def test_failing_app_test_stops_before_the_backup(app_variant, release_env):
     env, job, store, instance = release_env
 
-    def add_failing_test(app: Path) -> None:
-        (app / "tests" / "zz_release_blocker.test.ts").write_text(
-            "import { test } from 'node:test';\nimport assert from 'node:assert/strict';\n"
-            "test('checkout total includes tax', () => { assert.equal(1 + 1, 3); });\n")
-
-    app = app_variant("failing-test", add_failing_test)
+    app = app_variant("failing-test", app_variants.failing_test("checkout total includes tax"))
     r = job.execute_in_process(run_config=release_run_config(app, env, version="v1"), instance=instance, raise_on_error=False)
     assert not r.success
     step, message = failure_of(r)
@@ -115,12 +111,7 @@ def test_failing_app_test_stops_before_the_backup(app_variant, release_env):
 def test_failing_migration_stops_before_deploy_db_unchanged_backup_named(app_variant, release_env, services):
     env, job, store, instance = release_env
 
-    def add_bad_migration(app: Path) -> None:
-        (app / "migrations" / "1800000000000_half-way.js").write_text(
-            "exports.up = (pgm) => {\n  pgm.createTable('audit_log', { id: 'id', note: 'text' });\n"
-            "  pgm.sql('SELECT 1/0');\n};\nexports.down = () => {};\n")
-
-    app = app_variant("bad-migration", add_bad_migration)
+    app = app_variant("bad-migration", app_variants.migration_failing_half_way)
     with psycopg.connect(services.database_url) as c:
         before = [r[0] for r in c.execute("SELECT name FROM pgmigrations ORDER BY id")] \
             if c.execute("SELECT to_regclass('pgmigrations')").fetchone()[0] else []
@@ -148,16 +139,7 @@ def test_unhealthy_new_version_fails_while_old_keeps_serving(node_app, app_varia
     assert job.execute_in_process(run_config=release_run_config(node_app, env, version="v1", port=port, fast=True),
                                   instance=instance).success
 
-    def break_health(app: Path) -> None:
-        src = app / "src" / "health.ts"
-        text = src.read_text()
-        marker = "export async function runHealthChecks(deps: HealthDeps): Promise<HealthResult> {"
-        assert marker in text
-        src.write_text(text.replace(marker, marker + "\n  if (deps.version) { return { statusCode: 503, body: { uptime: 0, "
-                                    "timestamp: Date.now(), database: 'error', redis: 'ok', version: deps.version }, "
-                                    "failures: { database: 'release regression' } }; }"))
-
-    bad = app_variant("bad-health", break_health)
+    bad = app_variant("bad-health", app_variants.health_always_503)
     r = job.execute_in_process(
         run_config=release_run_config(bad, env, version="v2", port=port, fast=True, target={"pm2": {"listen_timeout_s": 6}}),
         instance=instance, raise_on_error=False)
