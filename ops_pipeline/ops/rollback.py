@@ -52,7 +52,18 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
             serving_versions = target.serving_versions()
         except Exception as exc:  # noqa: BLE001 - reported, the plan continues from the record
             context.log.warning(f"could not read the serving state from the target: {type(exc).__name__}: {exc}")
-    bad = config.bad_version or (sorted(serving_versions)[0] if len(serving_versions) == 1 else (hist.serving_version or ""))
+    recorded = hist.serving_version
+    if len(serving_versions) > 1:
+        context.log.warning(f"inconsistent state: {', '.join(sorted(serving_versions))} are all serving "
+                            f"'{config.environment}' (an interrupted rollout?); the rollback replaces every instance")
+    if config.bad_version:
+        bad = config.bad_version
+    elif not serving_versions:
+        bad = ""  # nothing serves (e.g. the process manager lost its processes): restore the last good version
+        context.log.warning(f"nothing is serving '{config.environment}' according to the target")
+    else:
+        unrecorded = sorted(v for v in serving_versions if v != recorded or v in hist.bad_versions)
+        bad = unrecorded[0] if unrecorded else (recorded or "")
     if config.target_version:
         good = hist.release_of(config.target_version)
         if not good:

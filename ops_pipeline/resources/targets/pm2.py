@@ -309,38 +309,53 @@ class Pm2Target(DeployTarget):
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
         old = [i for i in self.serving()]
+        previous = self.current_version()
         report = RolloutReport(version=version, previous_versions=sorted({i.version for i in old}))
-        n = self.spec.target.instances
         started = time.monotonic()
-        new: list[Instance] = []
-        log(f"rolling out {version} to {n} instance(s) on PM2 (one at a time); serving now: "
+        log(f"rolling out {version} to {self.spec.target.instances} instance(s) on PM2 (one at a time); serving now: "
             f"{', '.join(f'{i.name}[{i.status}]' for i in old) or 'nothing'}")
-        for slot in range(n):
+        try:
+            new = self._surge(version, deploy_id, old, app_env, report, started, log)
+        except (RolloutError, CommandError, OSError) as exc:
+            detail = str(exc)
+            tail = getattr(exc, "log_tail", "")
+            for inst in [i for i in self.serving() if i.deploy_id == deploy_id]:
+                self._delete(inst, log)
+                report.add("removed", inst.name, version, started, "new instance withdrawn")
+            recovery = self._ensure_serving(previous, app_env, report, started, log) if previous and previous != version else ""
+            report.finished_at = time.time()
+            serving = self.serving()
+            raise RolloutError(
+                f"{detail}; rollout of {version} stopped. {recovery}"
+                f"{len(serving)} instance(s) still serving {', '.join(sorted({i.version for i in serving})) or 'nothing'}"
+                + (f"\n{tail}" if tail else ""),
+                report,
+                serving,
+            ) from None
+        self._switch_current(version)
+        self.pm2("save", check=False)
+        report.instances = [i.name for i in new if i]
+        report.finished_at = time.time()
+        return report
+
+    def _surge(self, version: str, deploy_id: str, old: list[Instance], app_env: dict[str, str], report: RolloutReport,
+               started: float, log: LogFn) -> list[Instance]:
+        new: list[Instance] = []
+        old = list(old)
+        for slot in range(self.spec.target.instances):
             name, port = self._start_instance(slot, version, deploy_id, app_env, log)
             report.add("started", name, version, started, f"instance port {port}")
             healthy, detail = self._wait_instance_healthy(name, deploy_id, port, version)
             if not healthy:
-                tail = self._log_tail(name)
                 report.add("failed", name, version, started, detail)
-                # Stop the rollout: remove every new instance, the old ones were never touched.
-                for inst in [i for i in self.serving() if i.deploy_id == deploy_id]:
-                    self._delete(inst, log)
-                    report.add("removed", inst.name, version, started, "new instance withdrawn")
-                report.finished_at = time.time()
-                serving = self.serving()
-                raise RolloutError(
-                    f"new instance {name} never became healthy ({detail}); rollout stopped, "
-                    f"{len(serving)} old instance(s) still serving {', '.join(sorted({i.version for i in serving})) or 'nothing'}"
-                    + (f"\nlast log lines of {name}:\n{tail}" if tail else ""),
-                    report,
-                    serving,
-                )
+                err = RolloutError(f"new instance {name} never became healthy ({detail})", report)
+                err.log_tail = f"last log lines of {name}:\n{self._log_tail(name)}"
+                raise err
             inst = self._find(name, deploy_id)
             new.append(inst)
             report.add("healthy", name, version, started, detail)
             log(f"{name} healthy ({detail})")
-            # Take one old instance out of service (drained by the app on SIGINT).
-            if old:
+            if old:  # take one old instance out of service (drained by the app on SIGINT)
                 victim = old.pop(0)
                 self._delete(victim, log)
                 report.add("removed", victim.name, victim.version, started, "drained and stopped")
@@ -348,11 +363,24 @@ class Pm2Target(DeployTarget):
         for victim in old:  # more old instances than slots (scale down)
             self._delete(victim, log)
             report.add("removed", victim.name, victim.version, started, "drained and stopped (scale down)")
+        return new
+
+    def _ensure_serving(self, version: str, app_env: dict[str, str], report: RolloutReport, started: float, log: LogFn) -> str:
+        """After a failed rollout: if the previous version lost its instances (the PM2 daemon died), start them again."""
+        alive = [i for i in self.serving() if i.version == version and i.status == "online"]
+        if alive:
+            return ""
+        if not (self.release_dir(version) / "release.json").exists():
+            return f"the previous version {version} is not serving and its release folder is gone. "
+        log(f"no instance of {version} survived (PM2 daemon lost?): starting them again")
+        deploy_id = uuid.uuid4().hex[:12]
+        try:
+            restarted = self._surge(version, deploy_id, [], app_env, report, started, log)
+        except (RolloutError, CommandError, OSError) as exc:
+            return f"restarting {version} failed too: {str(exc)[:300]}. "
         self._switch_current(version)
         self.pm2("save", check=False)
-        report.instances = [i.name for i in new if i]
-        report.finished_at = time.time()
-        return report
+        return f"PM2 had lost every instance of {version}; restarted {len(restarted)} of them. "
 
     def instance_probe_urls(self) -> list[str]:
         return [i.probe_url for i in self.serving() if i.probe_url]
