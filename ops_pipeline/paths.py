@@ -8,6 +8,7 @@ deploy folders and the local backup store. Nothing is written system-wide.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -45,3 +46,12 @@ def artifacts_dir() -> Path:
 
 def default_backup_dir() -> Path:
     return state_dir() / "backups"
+
+
+def link_or_copy(src: str, dst: str) -> str:
+    """copy_function for shutil.copytree: a hard link (instant, byte-identical), a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst

@@ -1,7 +1,6 @@
 """Backups against a real PostgreSQL (its pg_dump / pg_restore): verified, atomic, rotated safely, restorable."""
 
 import json
-import os
 import stat
 import time
 from pathlib import Path

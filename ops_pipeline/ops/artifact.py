@@ -60,6 +60,34 @@ def _make_read_only(root: Path) -> None:
                 p.chmod(p.stat().st_mode & ~0o222)
 
 
+def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redactor: Redactor | None) -> None:
+    """Runtime dependencies into the bundle. Keyed by the lock file and the command, like a container layer:
+    an unchanged lock file reuses the previous install (hard links) instead of running npm again."""
+    app = spec.app
+    h = hashlib.sha256(app.commands.install_production.encode())
+    for name in ("package.json", "package-lock.json", "npm-shrinkwrap.json"):
+        if (staging / name).exists():
+            h.update(name.encode() + b"\0" + (staging / name).read_bytes())
+    cache = store / ".deps" / h.hexdigest()[:24] / "node_modules"
+    if cache.is_dir():
+        shutil.copytree(cache, staging / "node_modules", copy_function=paths.link_or_copy, symlinks=True)
+        log(f"production dependencies unchanged (lock {h.hexdigest()[:12]}): reused, no install")
+        return
+    extra_env, hidden = command_env(spec)
+    extra_env["NODE_ENV"] = "production"
+    run(Command(app.commands.install_production, cwd=str(staging), env=extra_env, unset=tuple(hidden),
+                timeout_s=app.commands.timeout_s, label="install production dependencies"),
+        log=log, redactor=redactor)
+    if (staging / "node_modules").is_dir():
+        tmp = cache.parent.parent / f".tmp-{uuid.uuid4().hex[:8]}"
+        shutil.copytree(staging / "node_modules", tmp / "node_modules", copy_function=paths.link_or_copy, symlinks=True)
+        cache.parent.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(cache.parent)
+        except OSError:  # another build filled the cache first
+            _force_rmtree(tmp)
+
+
 def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Artifact:
     app_dir = Path(spec.app_dir)
     app = spec.app
@@ -85,11 +113,7 @@ def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Ar
             else:
                 shutil.copy2(src, dst)
         if app.commands.install_production.strip():
-            extra_env, hidden = command_env(spec)
-            extra_env["NODE_ENV"] = "production"
-            run(Command(app.commands.install_production, cwd=str(staging), env=extra_env, unset=tuple(hidden),
-                        timeout_s=app.commands.timeout_s, label="install production dependencies"),
-                log=log, redactor=redactor)
+            install_production(spec, staging, store, log, redactor)
         digest, size, files = content_hash(staging)
         commit = spec.commit or "nogit"
         artifact_id = f"{app.name}-{commit}{'-dirty' if spec.dirty else ''}-{digest[:12]}"

@@ -1,5 +1,6 @@
 """Backup ops: the backup the release and the nightly schedule share, retention, restore drills, restore."""
 
+import errno
 import time
 from datetime import UTC, datetime
 
@@ -113,8 +114,12 @@ def backup_database(
     except backups.BackupError as exc:
         raise dg.Failure(description=f"backup failed, nothing was registered: {env.redactor(str(exc))}",
                          allow_retries=False) from None
-    except (StoreError, OSError) as exc:
-        # Store trouble (S3 5xx, timeouts, disk full): nothing partial was left; the retry policy tries again.
+    except OSError as exc:
+        # A full or read-only store does not heal by retrying: fail now, nothing partial was kept.
+        permanent = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+        raise dg.Failure(description=f"backup store error ({'not retried' if permanent else 'will retry'}), nothing "
+                         f"partial kept: {env.redactor(str(exc))[:500]}", allow_retries=not permanent) from None
+    except StoreError as exc:
         raise dg.Failure(description=f"backup store error, nothing partial kept: {env.redactor(str(exc))[:500]}",
                          allow_retries=True) from None
     except Exception as exc:  # botocore errors and the like

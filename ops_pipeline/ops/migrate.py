@@ -98,13 +98,18 @@ def migrate_database(
             duration = docker_engine.run_once(artifact, command, run_env, log=context.log.info, redactor=env.redactor,
                                               timeout_s=spec.app.migration_statement_timeout_s + 60)
     except CommandError as exc:
-        after = applied_migrations(postgres, url, table)
-        partial = [m for m in after if m not in before]
+        try:
+            after = applied_migrations(postgres, url, table)
+            partial = [m for m in after if m not in before]
+            state = (f"Migrations applied before the failure: {', '.join(partial)}. " if partial
+                     else "The database schema is unchanged (the migration ran in a transaction). ")
+        except DatabaseError as db_exc:
+            partial = []
+            state = (f"The schema could not be re-checked ({db_exc}); migrations run in one transaction, so the "
+                     "failed batch left it unchanged. ")
         raise dg.Failure(
             description=(
-                f"migration failed; nothing was deployed. "
-                + (f"Migrations applied before the failure: {', '.join(partial)}. " if partial
-                   else "The database schema is unchanged (the migration ran in a transaction). ")
+                "migration failed; nothing was deployed. " + state
                 + f"Pre-migration backup: {backup['id']} ({backup['location']}); restore it with the restore_database "
                 f"job (backup_id: {backup['id']}) only if the data is damaged.\n{exc}"
             ),

@@ -30,7 +30,7 @@ import dagster as dg
 from pydantic import Field
 
 from ops_pipeline import paths
-from ops_pipeline.commands import Command, CommandError, run, which
+from ops_pipeline.commands import CommandError, which
 from ops_pipeline.local_stack import free_port
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.resources.health import HttpProber
@@ -97,8 +97,12 @@ class Pm2Target(DeployTarget):
         os.chmod(self.home, 0o700)
         import subprocess
 
-        proc = subprocess.run([self.pm2_bin, *args], env=self._env(extra_env), capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+        try:
+            proc = subprocess.run([self.pm2_bin, *args], env=self._env(extra_env), capture_output=True, text=True,
+                                  timeout=timeout_s, stdin=subprocess.DEVNULL, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise CommandError(f"`pm2 {' '.join(args[:2])}` did not answer within {timeout_s:.0f} s "
+                               "(is the PM2 daemon of this environment alive?)") from None
         out = self.redactor(proc.stdout + proc.stderr)
         if check and proc.returncode != 0:
             raise CommandError(f"`pm2 {' '.join(args)}` exited with status {proc.returncode}: {out[-1500:]}")
@@ -179,7 +183,7 @@ class Pm2Target(DeployTarget):
         tmp = self.releases / f".{version}.{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
         # Hard links: instant and the bundle stays byte-identical to the built artifact.
-        shutil.copytree(src, tmp, copy_function=_link_or_copy, symlinks=True)
+        shutil.copytree(src, tmp, copy_function=paths.link_or_copy, symlinks=True)
         (tmp / "release.json").write_text(json.dumps({
             "version": version, "artifact_id": artifact.id, "commit": artifact.commit, "dirty": artifact.dirty,
             "content_hash": artifact.content_hash, "created_at": time.time(),
@@ -216,14 +220,15 @@ class Pm2Target(DeployTarget):
         return removed
 
     # ---- rollout ------------------------------------------------------------------------------
-    def _instance_name(self, slot: int, version: str) -> str:
-        return f"{self.spec.app.name}-{self.spec.environment}-{slot}@{version}"
+    def _instance_name(self, slot: int, version: str, deploy_id: str) -> str:
+        # Unique per rollout: `pm2 start` of an existing name restarts that process instead of adding one.
+        return f"{self.spec.app.name}-{self.spec.environment}-{slot}@{version}+{deploy_id[:6]}"
 
     def _start_instance(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], log: LogFn) -> tuple[str, int]:
         app = self.spec.app
         cfg = self.spec.target.pm2
         port = free_port()
-        name = self._instance_name(slot, version)
+        name = self._instance_name(slot, version, deploy_id)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.app_files.mkdir(parents=True, exist_ok=True)
         logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
@@ -389,11 +394,3 @@ class Pm2Target(DeployTarget):
         """Stop this environment's PM2 daemon and every instance (tests, teardown)."""
         if self.home.exists():
             self.pm2("kill", check=False, timeout_s=60)
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst

@@ -1,0 +1,864 @@
+"""Docker Engine target: N replica containers of the app on a user-defined network, behind nginx on the host.
+
+Everything goes through the Docker Engine API (DOCKER_HOST: Docker, or Podman's Docker-compatible service).
+
+    containers   <app>-<env>-<slot>-<deploy id>, labels ops.app / ops.environment / ops.version / ops.slot /
+                 ops.deploy-id / ops.host-port, on the network `ops-<app>-<env>` (or target.docker.network),
+                 restart policy on-failure, the app's port published on 127.0.0.1:<free port> only
+    nginx        run by this target on the host, its own prefix under <state>/envs/<env>/nginx (or
+                 target.docker.nginx_conf_dir): generated nginx.conf listening on target.host:target.port,
+                 `upstream app_servers { least_conn; server 127.0.0.1:<published port>; ... }`,
+                 `nginx -t` before every `nginx -s reload`, started by the first rollout
+    host relays  see "Reaching services on the host's loopback" below
+
+Rolling, one container at a time (a surge of one): start one new container, wait until it is healthy (its
+HEALTHCHECK state in the engine *and* our own HTTP probe answering 200 with the new version on its published
+port), add it to the upstream and reload nginx gracefully, take one old container out of the upstream and reload,
+drain it (the old nginx workers finish their in-flight requests; bounded by target.docker.drain_s), stop it
+(SIGTERM: the app finishes what it still has, closes keep-alive sockets, exits) and remove it; repeat. A new
+container that never gets healthy is removed, the old ones keep serving, and the error carries the last probe and
+the container's last log lines (redacted). State is read back from the engine (labels), never remembered: what
+runs, which version, which slot, which published port.
+
+Reaching services on the host's loopback (DATABASE_URL / REDIS_URL of the embedded local stack, or any other
+service the operator runs on 127.0.0.1): a container's 127.0.0.1 is its own. Containers reach the host at their
+network's gateway address (what Podman also puts in /etc/hosts as `host.containers.internal`). So every URL value
+of the app's environment whose host is a loopback address is rewritten to the gateway, and for each such
+host:port the target runs a tiny TCP relay on the host, listening on `<gateway>:<port>` only and forwarding to
+`127.0.0.1:<port>`. The relay binds with IP_FREEBIND, because the gateway address exists only while a container
+is attached to the network (netavark removes the bridge with the last container) and the relay has to outlive
+that. Nothing listens on a public interface, PostgreSQL/Redis still require their passwords (the relay only
+moves bytes), and the local stack itself is unchanged. The one-off migration container needs none of this: it
+runs in the host's network namespace (see DockerEngine.run_once).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ops_pipeline import paths
+from ops_pipeline.local_stack import free_port
+from ops_pipeline.redaction import Redactor
+from ops_pipeline.resources.health import HttpProber, Probe
+from ops_pipeline.resources.targets.base import (
+    Artifact,
+    DeployTarget,
+    Instance,
+    LogFn,
+    RolloutError,
+    RolloutReport,
+)
+from ops_pipeline.spec import ReleaseSpec
+
+LABEL_APP = "ops.app"
+LABEL_ENV = "ops.environment"
+LABEL_VERSION = "ops.version"
+LABEL_SLOT = "ops.slot"
+LABEL_DEPLOY = "ops.deploy-id"
+LABEL_PORT = "ops.host-port"
+LABEL_ARTIFACT = "ops.artifact"
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "redis": 6379, "rediss": 6379, "mysql": 3306, "mongodb": 27017,
+                 "amqp": 5672, "http": 80, "https": 443, "nats": 4222}
+IN_SERVICE = ("healthy", "running", "starting")
+KEEP_OLD_IMAGES = 3
+RELAY_MARK = "ops-pipeline-host-relay"
+
+
+class NginxError(RuntimeError):
+    pass
+
+
+# ---- /proc helpers ------------------------------------------------------------------------------
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def _children(ppid: int) -> dict[int, str]:
+    """{pid: command line} of the live children of `ppid`."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2:].split()
+        if len(fields) > 1 and fields[1] == str(ppid) and fields[0] != "Z":
+            out[int(d.name)] = _cmdline(int(d.name))
+    return out
+
+
+def established_to(port: int) -> int:
+    """Established TCP connections from this host (network namespace) to 127.0.0.1:<port>."""
+    want = f"0100007F:{port:04X}"
+    n = 0
+    for table in ("/proc/net/tcp",):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if len(parts) > 3 and parts[2] == want and parts[3] == "01":
+                n += 1
+    return n
+
+
+# ---- host relay (a separate, stdlib-only process) --------------------------------------------------
+def _relay_main(argv: list[str]) -> None:
+    """TCP relay: listen on LHOST:LPORT (IP_FREEBIND: the address may come and go), forward to THOST:TPORT."""
+    import asyncio
+    import contextlib
+    import signal as _signal
+    import socket
+
+    _mark, lhost, lport, thost, tport = argv[:5]
+
+    async def pump(reader, writer):
+        try:
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def handle(client_reader, client_writer):
+        try:
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(thost, int(tport)), 10)
+        except (TimeoutError, OSError):
+            client_writer.close()
+            return
+        await asyncio.gather(pump(client_reader, up_writer), pump(up_reader, client_writer))
+
+    async def main():
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_IP, 15, 1)  # IP_FREEBIND
+        sock.bind((lhost, int(lport)))
+        sock.listen(256)
+        sock.setblocking(False)
+        server = await asyncio.start_server(handle, sock=sock)
+        print(f"listening on {lhost}:{lport} -> {thost}:{tport}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (_signal.SIGTERM, _signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        server.close()
+
+    asyncio.run(main())
+
+
+class HostRelays:
+    """Relays `<gateway>:<port>` -> `127.0.0.1:<port>` for containers, one small process per port.
+
+    Detached from the run (they serve containers that outlive it); pid and log files under `root`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _files(self, lhost: str, lport: int) -> tuple[Path, Path]:
+        return self.root / f"{lhost}_{lport}.pid", self.root / f"{lhost}_{lport}.log"
+
+    def alive(self, lhost: str, lport: int) -> int | None:
+        pidfile, _ = self._files(lhost, lport)
+        try:
+            pid = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        cmd = _cmdline(pid)
+        return pid if RELAY_MARK in cmd and f" {lhost} {lport} " in f" {cmd} " else None
+
+    def ensure(self, lhost: str, lport: int, thost: str, tport: int, log: LogFn) -> None:
+        if self.alive(lhost, lport):
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        pidfile, logfile = self._files(lhost, lport)
+        source = inspect.getsource(_relay_main) + "\n_relay_main(__import__('sys').argv[1:])\n"
+        # `sh -c '... &'`: the relay is re-parented to init at once (no zombie, not tied to this run).
+        proc = subprocess.run(
+            ["/bin/sh", "-c", 'exec </dev/null; "$@" >"$RELAY_LOG" 2>&1 & echo $!', "sh",
+             sys.executable, "-I", "-c", source, RELAY_MARK, lhost, str(lport), thost, str(tport)],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RELAY_LOG": str(logfile)},
+            capture_output=True, text=True, timeout=30, start_new_session=True, cwd="/", check=False)
+        pid = int(proc.stdout.strip())
+        pidfile.write_text(f"{pid}\n")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            text = logfile.read_text(errors="replace") if logfile.exists() else ""
+            if f"listening on {lhost}:{lport} " in text:
+                log(f"host relay {lhost}:{lport} -> {thost}:{tport} started (pid {pid})")
+                return
+            if not _cmdline(pid):
+                break
+            time.sleep(0.05)
+        tail = logfile.read_text(errors="replace")[-1500:] if logfile.exists() else ""
+        raise RuntimeError(f"host relay {lhost}:{lport} -> {thost}:{tport} did not start: {tail}")
+
+    def stop(self, lhost: str | None = None) -> list[str]:
+        stopped = []
+        if not self.root.is_dir():
+            return stopped
+        for pidfile in self.root.glob("*.pid"):
+            host, _, port = pidfile.name[: -len(".pid")].rpartition("_")
+            if lhost and host != lhost:
+                continue
+            pid = self.alive(host, int(port)) if port.isdigit() else None
+            if pid:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                stopped.append(f"{host}:{port}")
+            pidfile.unlink(missing_ok=True)
+        return stopped
+
+
+def loopback_to_gateway(app_env: dict[str, str], gateway: str) -> tuple[dict[str, str], list[tuple[str, int]], list[str]]:
+    """The app's environment as a container sees it: URL values pointing at the host's loopback are rewritten to
+    the network gateway. Returns (env, [(loopback host, port) to relay], [names rewritten])."""
+    env: dict[str, str] = {}
+    endpoints: list[tuple[str, int]] = []
+    rewritten: list[str] = []
+    for name, value in app_env.items():
+        env[name] = value
+        if "://" not in (value or ""):
+            continue
+        try:
+            parts = urlsplit(value)
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            continue
+        if host not in LOOPBACK_HOSTS and not (host or "").startswith("127."):
+            continue
+        port = port or DEFAULT_PORTS.get(parts.scheme.lower())
+        if not port:
+            continue
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"{userinfo + '@' if userinfo else ''}{gateway}:{port}"
+        env[name] = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        target_host = "127.0.0.1" if host == "localhost" else host
+        if (target_host, port) not in endpoints:
+            endpoints.append((target_host, port))
+        rewritten.append(name)
+    return env, endpoints, rewritten
+
+
+# ---- nginx on the host -------------------------------------------------------------------------------
+class HostNginx:
+    """The environment's load balancer: Debian's nginx on the host, with its own prefix, config and pid file."""
+
+    def __init__(self, root: Path, listen_host: str, listen_port: int, drain_s: float, label: str) -> None:
+        self.root = root
+        self.conf = root / "nginx.conf"
+        self.pidfile = root / "nginx.pid"
+        self.error_log = root / "error.log"
+        self.listen_host = listen_host
+        self.listen_port = listen_port
+        self.drain_s = drain_s
+        self.label = label
+
+    @staticmethod
+    def binary() -> str:
+        found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+        if not found:
+            raise NginxError("nginx not found on this host (Debian: apt-get install nginx-light or nginx)")
+        return found
+
+    def _nginx(self, *args: str, conf: Path | None = None, timeout_s: float = 30) -> subprocess.CompletedProcess:
+        argv = [self.binary(), "-p", f"{self.root}/", "-e", str(self.error_log), "-c", str(conf or self.conf), *args]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, check=False,
+                              env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
+
+    def master_pid(self) -> int | None:
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        return pid if _cmdline(pid).startswith("nginx: master") else None
+
+    def workers(self) -> dict[int, str]:
+        pid = self.master_pid()
+        return {p: c for p, c in _children(pid).items() if "worker process" in c} if pid else {}
+
+    def render(self, servers: list[tuple[int, str]]) -> str:
+        r = self.root
+        user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
+        lines = [f"        server 127.0.0.1:{port} max_fails=2 fail_timeout=5s;  # {comment}" for port, comment in servers]
+        if not lines:
+            lines = ["        server 127.0.0.1:9 down;  # no container in service yet"]
+        upstream = "\n".join(lines)
+        return f"""# Generated by ops-pipeline (Docker target) for {self.label}. Every rollout rewrites it: do not edit.
+{user}worker_processes auto;
+worker_shutdown_timeout {max(1, int(self.drain_s))}s;
+pid {r}/nginx.pid;
+error_log {r}/error.log warn;
+
+events {{
+    worker_connections 1024;
+}}
+
+http {{
+    access_log off;
+    server_tokens off;
+    keepalive_timeout 65s;
+    client_body_temp_path {r}/tmp/body;
+    proxy_temp_path {r}/tmp/proxy;
+    fastcgi_temp_path {r}/tmp/fastcgi;
+    uwsgi_temp_path {r}/tmp/uwsgi;
+    scgi_temp_path {r}/tmp/scgi;
+
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        ''      '';
+    }}
+
+    upstream app_servers {{
+        least_conn;
+{upstream}
+        keepalive 32;
+    }}
+
+    server {{
+        listen {self.listen_host}:{self.listen_port};
+
+        location / {{
+            proxy_pass http://app_servers;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_set_header Host $host;
+            proxy_set_header X-Real-IP $remote_addr;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_cache_bypass $http_upgrade;
+            proxy_next_upstream error timeout;
+            proxy_next_upstream_tries 3;
+            proxy_connect_timeout 2s;
+            proxy_read_timeout 60s;
+        }}
+    }}
+}}
+"""
+
+    def _prepare_dirs(self) -> None:
+        tmp = self.root / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                nobody = pwd.getpwnam("nobody")
+                for d in [tmp, *tmp.iterdir()]:
+                    os.chown(d, nobody.pw_uid, nobody.pw_gid)
+            except KeyError:
+                pass
+
+    def _error_tail(self) -> str:
+        try:
+            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-8:])
+        except OSError:
+            return ""
+
+    def apply(self, servers: list[tuple[int, str]], log: LogFn) -> set[int]:
+        """Make nginx route to exactly `servers` [(published port, comment)]: write, `nginx -t`, then start it or
+        reload it gracefully. Returns the pids of the previous worker generation (they finish in-flight requests
+        and exit); empty when nothing had to be reloaded."""
+        self._prepare_dirs()
+        text = self.render(servers)
+        pid = self.master_pid()
+        if pid and self.conf.exists() and self.conf.read_text() == text:
+            return set()
+        candidate = self.root / "nginx.conf.new"
+        candidate.write_text(text)
+        test = self._nginx("-t", "-q", conf=candidate)
+        if test.returncode != 0:
+            raise NginxError(f"`nginx -t` rejected the generated config {candidate}: {(test.stderr or test.stdout).strip()[-1500:]}")
+        os.replace(candidate, self.conf)
+        ports = ", ".join(str(p) for p, _ in servers) or "none"
+        if not pid:
+            started = self._nginx()
+            if started.returncode != 0:
+                raise NginxError(f"nginx did not start ({self.listen_host}:{self.listen_port}): "
+                                 f"{(started.stderr or started.stdout).strip()[-1500:]}")
+            deadline = time.monotonic() + 10
+            while not self.workers() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            log(f"nginx started on {self.listen_host}:{self.listen_port} (pid {self.master_pid()}), upstream: {ports}")
+            return set()
+        before = set(self.workers())
+        reload = self._nginx("-s", "reload")
+        if reload.returncode != 0:
+            raise NginxError(f"`nginx -s reload` failed: {(reload.stderr or reload.stdout).strip()[-1500:]}")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            current = self.workers()
+            if any(p not in before and "shutting down" not in c for p, c in current.items()):
+                log(f"nginx reloaded, upstream: {ports}")
+                return before
+            time.sleep(0.02)
+        raise NginxError(f"nginx did not start new workers within 15 s of the reload: {self._error_tail()}")
+
+    def wait_gone(self, pids: set[int], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = pids & set(self.workers())
+            if not left:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+    def stop(self) -> bool:
+        pid = self.master_pid()
+        if not pid:
+            return False
+        self._nginx("-s", "quit")
+        deadline = time.monotonic() + 15
+        while _cmdline(pid).startswith("nginx: master") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _cmdline(pid).startswith("nginx: master"):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        return True
+
+
+# ---- the target --------------------------------------------------------------------------------------
+class DockerTarget(DeployTarget):
+    kind = "docker"
+
+    def __init__(self, spec: ReleaseSpec, engine, prober: HttpProber, redactor: Redactor) -> None:
+        self.spec = spec
+        self.engine = engine
+        self.prober = prober
+        self.redactor = redactor
+        cfg = spec.target.docker
+        self.cfg = cfg
+        self.app = spec.app.name
+        self.env = spec.environment
+        self.network_name = cfg.network or f"ops-{self.app}-{self.env}"
+        self.repository = cfg.image_repository or f"localhost/{self.app}"
+        nginx_dir = Path(cfg.nginx_conf_dir) if cfg.nginx_conf_dir else spec.env_dir() / "nginx"
+        self.nginx = HostNginx(nginx_dir, spec.target.host, spec.target.port, cfg.drain_s, f"{self.app} in {self.env}")
+        self.relays = HostRelays(paths.state_dir() / "docker" / "relays")
+        self._client = None
+        self._podman: bool | None = None
+
+    # ---- engine ---------------------------------------------------------------------------------
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self.engine.client()
+        return self._client
+
+    def is_podman(self) -> bool:
+        if self._podman is None:
+            try:
+                comps = self.client.version().get("Components") or []
+                self._podman = any("podman" in (c.get("Name") or "").lower() for c in comps)
+            except Exception:  # noqa: BLE001
+                self._podman = False
+        return self._podman
+
+    def _containers(self, all_: bool = True) -> list:
+        import docker
+
+        out = []
+        for c in self.client.containers.list(all=all_, filters={"label": f"{LABEL_APP}={self.app}"}, ignore_removed=True):
+            try:
+                if c.labels.get(LABEL_ENV) == self.env:
+                    out.append(c)
+            except docker.errors.NotFound:
+                continue
+        return out
+
+    @staticmethod
+    def _host_port(c) -> int | None:
+        label = c.labels.get(LABEL_PORT)
+        if label and label.isdigit():
+            return int(label)
+        for bindings in ((c.attrs.get("NetworkSettings") or {}).get("Ports") or {}).values():
+            for b in bindings or []:
+                if b.get("HostPort"):
+                    return int(b["HostPort"])
+        return None
+
+    def _instance(self, c) -> Instance:
+        state = c.attrs.get("State") or {}
+        health = (state.get("Health") or {}).get("Status") or ""
+        status = state.get("Status") or c.status
+        if status == "running" and health in ("healthy", "starting", "unhealthy"):
+            status = health
+        port = self._host_port(c) if (state.get("Status") or c.status) == "running" else None
+        return Instance(
+            id=c.id[:12],
+            name=c.name,
+            version=c.labels.get(LABEL_VERSION, "?"),
+            status=status,
+            probe_url=f"http://127.0.0.1:{port}{self.spec.app.health_path}" if port else "",
+            restarts=int(c.attrs.get("RestartCount") or 0),
+            deploy_id=c.labels.get(LABEL_DEPLOY, ""),
+            extra={"slot": c.labels.get(LABEL_SLOT), "port": port, "image": c.attrs.get("Image", ""),
+                   "health": health, "created": c.attrs.get("Created", ""), "artifact": c.labels.get(LABEL_ARTIFACT, "")},
+        )
+
+    def serving(self) -> list[Instance]:
+        instances = [self._instance(c) for c in self._containers()]
+        return sorted(instances, key=lambda i: (str(i.extra.get("slot") or ""), i.extra.get("created") or ""))
+
+    # ---- image ----------------------------------------------------------------------------------
+    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> str:
+        from ops_pipeline.resources.images import ImageBuildError
+
+        if artifact.kind != "image":
+            raise RolloutError(f"artifact {artifact.id} is a {artifact.kind}, not an image: the Docker target runs images",
+                               RolloutReport(version, []))
+        try:
+            return self.engine.ensure_image(self.client, artifact, log, self.redactor)
+        except ImageBuildError as exc:
+            raise RolloutError(str(exc), RolloutReport(version, [])) from None
+
+    # ---- network + host services ---------------------------------------------------------------
+    def ensure_network(self, log: LogFn) -> str:
+        """The user-defined network (created if missing); returns its gateway address."""
+        import docker
+
+        try:
+            net = self.client.networks.get(self.network_name)
+        except docker.errors.NotFound:
+            net = self.client.networks.create(self.network_name, driver="bridge",
+                                              labels={LABEL_APP: self.app, LABEL_ENV: self.env})
+            log(f"created network {self.network_name}")
+        net.reload()
+        for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
+            if cfg.get("Gateway") and ":" not in cfg["Gateway"]:
+                return cfg["Gateway"].split("/")[0]
+        for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
+            subnet = cfg.get("Subnet") or ""
+            if subnet and ":" not in subnet:
+                import ipaddress
+
+                return str(next(ipaddress.ip_network(subnet, strict=False).hosts()))
+        raise RolloutError(f"network {self.network_name} has no IPv4 gateway", RolloutReport(self.spec.version, []))
+
+    def container_env(self, app_env: dict[str, str], version: str, gateway: str, log: LogFn) -> dict[str, str]:
+        env, endpoints, rewritten = loopback_to_gateway(app_env, gateway)
+        for host, port in endpoints:
+            self.relays.ensure(gateway, port, host, port, log)
+        if rewritten:
+            log(f"{', '.join(rewritten)}: loopback address rewritten to the network gateway {gateway} "
+                f"(host relays on {', '.join(f'{gateway}:{p}' for _, p in endpoints)})")
+        for name in self.cfg.env_file_vars:
+            if name in os.environ and name not in env:
+                env[name] = os.environ[name]
+        app = self.spec.app
+        env[app.version_env] = version
+        env[app.port_env] = str(self.cfg.container_port)
+        env["SHUTDOWN_TIMEOUT_MS"] = str(int(app.shutdown_timeout_s * 1000))
+        return env
+
+    # ---- containers -----------------------------------------------------------------------------
+    def _start(self, ref: str, slot: int, version: str, deploy_id: str, artifact: Artifact, env: dict[str, str]):
+        import docker
+
+        last_exc = None
+        for _ in range(3):
+            port = free_port()
+            name = f"{self.app}-{self.env}-{slot}-{deploy_id[:8]}"
+            labels = {LABEL_APP: self.app, LABEL_ENV: self.env, LABEL_VERSION: version, LABEL_SLOT: str(slot),
+                      LABEL_DEPLOY: deploy_id, LABEL_PORT: str(port), LABEL_ARTIFACT: artifact.id}
+            try:
+                c = self.client.containers.run(
+                    ref, name=name, detach=True, labels=labels, environment=env, network=self.network_name,
+                    ports={f"{self.cfg.container_port}/tcp": ("127.0.0.1", port)},
+                    restart_policy={"Name": "on-failure", "MaximumRetryCount": 3})
+                return c, port
+            except docker.errors.APIError as exc:
+                last_exc = exc
+                try:
+                    self.client.containers.get(name).remove(force=True)
+                except docker.errors.DockerException:
+                    pass
+                if "address already in use" not in str(exc).lower() and "port is already allocated" not in str(exc).lower():
+                    break
+        raise RuntimeError(self.redactor(f"could not start a container of {ref}: {last_exc}"))
+
+    def _trigger_healthcheck(self, c) -> None:
+        """Podman only (it has no systemd timers here): run the container's own HEALTHCHECK now, through the
+        libpod API on the same socket. Docker runs checks on its own schedule; nothing to do there."""
+        try:
+            api = self.client.api
+            api._result(api._get(f"{api.base_url}/v4.0.0/libpod/containers/{c.id}/healthcheck"), json=True)
+        except Exception:  # noqa: BLE001, S110 - best effort; the engine's own schedule still applies
+            pass
+
+    def _wait_healthy(self, c, port: int, version: str) -> tuple[bool, str, Probe | None]:
+        url = f"http://127.0.0.1:{port}{self.spec.app.health_path}"
+        hc = (c.attrs.get("Config") or {}).get("Healthcheck") or {}
+        has_hc = bool(hc.get("Test")) and hc["Test"][0] != "NONE"
+        timeout = max(30.0, self.spec.gate.deadline_s)
+        deadline = time.monotonic() + timeout
+        streak, last, triggered, exited_since = 0, None, 0.0, None
+        health_status = ""
+        while time.monotonic() < deadline:
+            c.reload()
+            state = c.attrs.get("State") or {}
+            health = state.get("Health") or {}
+            health_status = health.get("Status") or ""
+            restarts = int(c.attrs.get("RestartCount") or 0)
+            if state.get("Status") in ("exited", "dead"):
+                exited_since = exited_since or time.monotonic()
+            else:
+                exited_since = None
+            if restarts >= 2 or (exited_since and time.monotonic() - exited_since > 3):
+                return False, (f"the container keeps exiting (status {state.get('Status')}, exit code {state.get('ExitCode')}, "
+                               f"{restarts} restarts)"), last
+            if health_status == "unhealthy":
+                logs = health.get("Log") or []
+                out = (logs[-1].get("Output") or "").strip()[:200] if logs else ""
+                return False, (f"its HEALTHCHECK reports unhealthy (failing streak {health.get('FailingStreak')}"
+                               + (f", last check output: {out}" if out else "") + ")"
+                               + (f"; last probe: {last.summary()}" if last else "")), last
+            if state.get("Status") == "running":
+                p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0))
+                last = p
+                streak = streak + 1 if p.healthy_for(version) else 0
+                if streak >= 2:
+                    if not has_hc or health_status == "healthy":
+                        return True, (f"HEALTHCHECK {health_status or 'none'}, probe {p.summary()}"), p
+                    if self.is_podman() and time.monotonic() - triggered >= 1.0:
+                        triggered = time.monotonic()
+                        self._trigger_healthcheck(c)
+                        continue
+            time.sleep(0.25)
+        return False, (f"not healthy within {timeout:.0f} s (HEALTHCHECK {health_status or 'none'}); "
+                       f"last probe: {last.summary() if last else 'none'}"), last
+
+    def _log_tail(self, c, lines: int = 20) -> str:
+        try:
+            text = c.logs(tail=lines).decode(errors="replace")
+        except Exception:  # noqa: BLE001
+            return ""
+        return self.redactor(text.strip())
+
+    def _stop(self, c, log: LogFn) -> None:
+        import docker
+
+        try:
+            c.stop(timeout=int(self.spec.app.shutdown_timeout_s) + 5)  # SIGTERM: the app drains, then exits
+        except docker.errors.NotFound:
+            return
+        except docker.errors.APIError as exc:
+            log(f"stopping {c.name}: {self.redactor(str(exc))}")
+        try:
+            c.remove(force=True)
+        except docker.errors.DockerException:
+            pass
+
+    @staticmethod
+    def _upstream(members: dict[str, tuple[int, str]]) -> list[tuple[int, str]]:
+        return [(port, f"{name} {version}") for name, (port, version) in members.items()]
+
+    def _retire(self, c, members: dict[str, tuple[int, str]], log: LogFn) -> str:
+        """Out of the upstream (reload), drain (old workers finish, no connection left; <= drain_s), stop, remove."""
+        port = members.pop(c.name, (self._host_port(c), ""))[0]
+        t0 = time.monotonic()
+        old_workers = self.nginx.apply(self._upstream(members), log)
+        drained = self.nginx.wait_gone(old_workers, self.cfg.drain_s)
+        while port and established_to(port) and time.monotonic() - t0 < self.cfg.drain_s:
+            time.sleep(0.05)
+        left = established_to(port) if port else 0
+        drain_s = time.monotonic() - t0
+        self._stop(c, log)
+        detail = (f"drained in {drain_s:.2f} s" if drained and not left
+                  else f"drain cut after {drain_s:.1f} s ({left} connection(s) left)")
+        log(f"removed {c.name} ({c.labels.get(LABEL_VERSION)}): {detail}, stopped in {time.monotonic() - t0 - drain_s:.1f} s")
+        return detail
+
+    # ---- rollout --------------------------------------------------------------------------------
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
+        import docker
+
+        ref = self.prepare(artifact, version, log)
+        deploy_id = uuid.uuid4().hex[:12]
+        containers = self._containers()
+        old = [c for c in containers if (c.attrs.get("State") or {}).get("Status") in ("running", "restarting")]
+        for c in containers:
+            if c not in old:  # exited / created / dead: serves nothing, would only confuse the gate
+                log(f"removing leftover container {c.name} ({(c.attrs.get('State') or {}).get('Status')}, "
+                    f"{c.labels.get(LABEL_VERSION, '?')})")
+                try:
+                    c.remove(force=True)
+                except docker.errors.DockerException as exc:
+                    log(f"could not remove {c.name}: {self.redactor(str(exc))}")
+        old.sort(key=lambda c: (c.labels.get(LABEL_SLOT, ""), c.attrs.get("Created", "")))
+        report = RolloutReport(version=version, previous_versions=sorted({c.labels.get(LABEL_VERSION, "?") for c in old}))
+        started = time.monotonic()
+        n = self.spec.target.instances
+        members: dict[str, tuple[int, str]] = {}
+        for c in old:
+            inst = self._instance(c)
+            if inst.status in IN_SERVICE and inst.extra.get("port"):
+                members[c.name] = (inst.extra["port"], inst.version)
+        log(f"rolling out {version} ({ref}) to {n} container(s) on network {self.network_name} (one at a time); "
+            f"serving now: {', '.join(f'{c.name}[{self._instance(c).status}]' for c in old) or 'nothing'}")
+        new: list = []
+        pending = None
+        try:
+            gateway = self.ensure_network(log)
+            env = self.container_env(app_env, version, gateway, log)
+            self.nginx.apply(self._upstream(members), log)  # started on the first rollout; matches the engine's state
+            victims = list(old)
+            for slot in range(n):
+                pending, port = self._start(ref, slot, version, deploy_id, artifact, env)
+                report.add("started", pending.name, version, started, f"published on 127.0.0.1:{port}")
+                healthy, detail, _ = self._wait_healthy(pending, port, version)
+                if not healthy:
+                    self._fail(pending, detail, new, members, report, started, version, log)
+                report.add("healthy", pending.name, version, started, detail)
+                log(f"{pending.name} healthy ({detail})")
+                members[pending.name] = (port, version)
+                self.nginx.apply(self._upstream(members), log)
+                new.append(pending)
+                pending = None
+                if victims:
+                    victim = victims.pop(0)
+                    detail = self._retire(victim, members, log)
+                    report.add("removed", victim.name, victim.labels.get(LABEL_VERSION, "?"), started, detail)
+            for victim in victims:  # more old containers than slots (scale down)
+                detail = self._retire(victim, members, log)
+                report.add("removed", victim.name, victim.labels.get(LABEL_VERSION, "?"), started, f"{detail} (scale down)")
+        except RolloutError:
+            raise
+        except (docker.errors.DockerException, NginxError, RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            if pending is not None:
+                try:
+                    pending.remove(force=True)
+                except docker.errors.DockerException:
+                    pass
+            report.add("aborted", pending.name if pending is not None else "-", version, started, self.redactor(str(exc))[:300])
+            report.finished_at = time.time()
+            serving = [i for i in self.serving() if i.status in IN_SERVICE]
+            raise RolloutError(self.redactor(f"rollout of {version} stopped: {type(exc).__name__}: {exc}; "
+                                             f"{len(serving)} container(s) serving {', '.join(sorted({i.version for i in serving})) or 'nothing'}"),
+                               report, serving) from None
+        report.instances = [c.name for c in new]
+        report.finished_at = time.time()
+        return report
+
+    def _fail(self, c, detail: str, new: list, members: dict, report: RolloutReport, started: float, version: str,
+              log: LogFn):
+        """A new container never got healthy: remove it (it never joined the upstream), withdraw this rollout's
+        other new containers, and stop with the old ones serving."""
+        import docker
+
+        tail = self._log_tail(c)
+        report.add("failed", c.name, version, started, detail)
+        try:
+            c.remove(force=True)
+        except docker.errors.DockerException:
+            pass
+        report.add("removed", c.name, version, started, "never healthy: removed")
+        for other in new:
+            self._retire(other, members, log)
+            report.add("removed", other.name, version, started, "new container withdrawn")
+        report.finished_at = time.time()
+        serving = [i for i in self.serving() if i.status in IN_SERVICE]
+        raise RolloutError(
+            self.redactor(
+                f"new container {c.name} never became healthy ({detail}); rollout stopped, {len(serving)} old "
+                f"container(s) still serving {', '.join(sorted({i.version for i in serving})) or 'nothing'}"
+                + (f"\nlast log lines of {c.name}:\n{tail}" if tail else "")),
+            report,
+            serving,
+        )
+
+    def instance_probe_urls(self) -> list[str]:
+        return [i.probe_url for i in self.serving() if i.probe_url]
+
+    # ---- housekeeping ---------------------------------------------------------------------------
+    def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
+        """Remove this environment's stopped containers, and local images of this repository beyond the newest few
+        that are neither running anywhere nor tagged with a version in `keep_versions` (their registry copies stay)."""
+        import docker
+        from ops_pipeline.resources.images import image_tag
+
+        removed: list[str] = []
+        try:
+            for c in self._containers():
+                if (c.attrs.get("State") or {}).get("Status") not in ("running", "restarting", "paused"):
+                    c.remove(force=True)
+                    removed.append(f"container {c.name}")
+            in_use = {c.attrs.get("Image") for c in self.client.containers.list(all=True, ignore_removed=True)}
+            protected_tags = {image_tag(v) for v in keep_versions}
+            images = sorted(self.client.images.list(name=self.repository), key=lambda i: i.attrs.get("Created") or "",
+                            reverse=True)
+            candidates = []
+            for image in images:
+                tags = [t for t in image.tags if t.rpartition(":")[0] == self.repository]
+                if not tags or image.id in in_use or any(t.rpartition(":")[2] in protected_tags for t in tags):
+                    continue
+                candidates.append((image, tags))
+            for image, tags in candidates[KEEP_OLD_IMAGES:]:
+                for t in tags:
+                    try:
+                        self.client.images.remove(t)
+                        removed.append(f"image tag {t}")
+                    except docker.errors.APIError:
+                        break
+        except docker.errors.DockerException as exc:
+            log(f"prune: {self.redactor(str(exc))}")
+        if removed:
+            log(f"pruned: {', '.join(removed)} (kept versions {', '.join(sorted(keep_versions))})")
+        return removed
+
+    def stop_all(self) -> list[str]:
+        """Remove this environment's containers, its nginx, its network and host relays (tests, teardown)."""
+        import docker
+
+        done = []
+        for c in self._containers():
+            try:
+                c.remove(force=True)
+                done.append(c.name)
+            except docker.errors.DockerException:
+                pass
+        if self.nginx.stop():
+            done.append("nginx")
+        try:
+            net = self.client.networks.get(self.network_name)
+            gateways = [cfg.get("Gateway") for cfg in (net.attrs.get("IPAM") or {}).get("Config") or [] if cfg.get("Gateway")]
+            net.remove()
+            done.append(f"network {self.network_name}")
+            for gw in gateways:
+                done += [f"relay {r}" for r in self.relays.stop(gw.split("/")[0])]
+        except docker.errors.DockerException:
+            pass
+        return done
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
