@@ -35,23 +35,23 @@ setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.
 ## demo: release examples/node-api to the `local` environment on the embedded stack, through the dagster CLI.
 demo: setup
 	$(BIN)/python -m ops_pipeline.local_stack up
-	$(BIN)/dagster job execute -w workspace.yaml -j release -c presets/local.yaml
+	$(BIN)/dagster job execute -m ops_pipeline.definitions -j release -c presets/local.yaml
 	@echo
 	@$(BIN)/python -m ops_pipeline.status local
 	@echo
 	@echo "Open the Dagster UI: make ui  (then http://127.0.0.1:$(PORT))"
 
 release: setup
-	$(BIN)/dagster job execute -w workspace.yaml -j release -c presets/$(ENVIRONMENT).yaml
+	$(BIN)/dagster job execute -m ops_pipeline.definitions -j release -c presets/$(ENVIRONMENT).yaml
 
 rollback: setup
-	$(BIN)/dagster job execute -w workspace.yaml -j rollback -c presets/rollback-$(ENVIRONMENT).yaml
+	$(BIN)/dagster job execute -m ops_pipeline.definitions -j rollback -c presets/rollback-$(ENVIRONMENT).yaml
 
 backup: setup
-	$(BIN)/dagster job execute -w workspace.yaml -j backup -c presets/backup-local.yaml
+	$(BIN)/dagster job execute -m ops_pipeline.definitions -j backup -c presets/backup-local.yaml
 
 drill: setup
-	$(BIN)/dagster job execute -w workspace.yaml -j restore_drill -c presets/backup-local.yaml
+	$(BIN)/dagster job execute -m ops_pipeline.definitions -j restore_drill -c presets/backup-local.yaml
 
 ## ui: the Dagster UI + daemon (schedules, sensors, run queue) on the persistent local instance.
 ui: setup

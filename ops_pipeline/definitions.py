@@ -42,7 +42,9 @@ def build_resources() -> dict:
         aws_secret_access_key=_env_secret("AWS_SECRET_ACCESS_KEY") or None,
         max_attempts=int(os.environ.get("OPS_S3_MAX_ATTEMPTS", "3")),
     )
-    docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""))
+    docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""),
+                          registry_username=os.environ.get("OPS_REGISTRY_USERNAME", ""),
+                          registry_password=_env_secret("OPS_REGISTRY_PASSWORD"))
     return {
         "local_stack": LocalStack(),
         "postgres": PostgresResource(bin_dir=os.environ.get("OPS_PG_BIN", "")),

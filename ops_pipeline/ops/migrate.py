@@ -23,7 +23,11 @@ def take_environment_lock(context: dg.OpExecutionContext, spec: ReleaseSpec, pos
     """One release or rollback per environment, however it was launched: a PostgreSQL advisory lock on the
     environment's database, held from migration to the end of the health gate. A crashed holder's lock dies
     with its connection."""
-    holder = f"{context.job_name} {spec.version} run {context.run_id[:8]}"
+    try:
+        job = context.job_name
+    except Exception:  # noqa: BLE001 - invoked directly (build_op_context) there is no job
+        job = "direct"
+    holder = f"{job} {spec.version} run {context.run_id[:8]}"
     try:
         took = postgres.hold_lock(url, environment_lock_name(spec.environment), holder=holder, wait_s=spec.config.lock_wait_s,
                                   on_wait=context.log.warning)

@@ -46,6 +46,9 @@ class DagsterServers:
                                             stdin=subprocess.DEVNULL, start_new_session=True)
 
     def start(self, timeout_s: float = 120) -> DagsterServers:
+        # Create the instance's storage once, before two processes race to migrate it.
+        with self.instance() as inst:
+            inst.get_runs(limit=1)
         if self.want_daemon:
             self._spawn("daemon", [str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"])
         if self.want_webserver:
