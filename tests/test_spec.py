@@ -74,3 +74,43 @@ def test_spec_round_trips_through_json():
     again = ReleaseSpec.from_json(spec.to_json())
     assert again.config == spec.config and again.version == "v7" and again.dirty
     assert again.health_url == "http://127.0.0.1:3100/health"
+
+
+@pytest.mark.parametrize("preset", ["local", "staging", "production"])
+def test_presets_are_valid_release_configs(preset):
+    from pathlib import Path
+
+    import yaml
+
+    from ops_pipeline.jobs import release
+
+    path = Path(__file__).resolve().parents[1] / "presets" / f"{preset}.yaml"
+    run_config = yaml.safe_load(path.read_text())
+    assert dg.validate_run_config(release, run_config)
+    cfg = ReleaseConfig(**run_config["ops"]["verify_env"]["config"])
+    assert validate_release_config(cfg) == []
+
+
+def test_schedule_settings_are_validated_naming_the_variable(monkeypatch):
+    from ops_pipeline.schedules import ScheduleSettingsError, build_schedules
+
+    monkeypatch.setenv("OPS_TIMEZONE", "Mars/Olympus_Mons")
+    with pytest.raises(ScheduleSettingsError, match="OPS_TIMEZONE"):
+        build_schedules()
+    monkeypatch.setenv("OPS_TIMEZONE", "Europe/Berlin")
+    monkeypatch.setenv("OPS_BACKUP_CRON", "0 25 * * *")
+    with pytest.raises(ScheduleSettingsError, match="OPS_BACKUP_CRON"):
+        build_schedules()
+    monkeypatch.setenv("OPS_BACKUP_CRON", "0 2 * * *")
+    nightly, drill = build_schedules()
+    assert nightly.execution_timezone == "Europe/Berlin" and nightly.cron_schedule == "0 2 * * *"
+    assert nightly.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_rollback_of_an_unknown_environment_fails_clearly(instance):
+    from tests.conftest import make_defs
+
+    r = make_defs().get_job_def("rollback").execute_in_process(
+        run_config={"ops": {"plan_rollback": {"config": {"environment": "nowhere"}}}}, instance=instance, raise_on_error=False)
+    msg = r.get_step_failure_events()[0].step_failure_data.error.message
+    assert "environment:" in msg and "nowhere" in msg

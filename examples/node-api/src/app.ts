@@ -54,6 +54,8 @@ export function createApp(deps: AppDeps): express.Express {
   // Metrics + access log + shutdown behaviour for every request.
   app.use((req, res, next) => {
     const start = process.hrtime.bigint();
+    // Which release answered: lets load tests and operators see a rollout progress request by request.
+    res.setHeader('X-App-Version', deps.version);
     // Decided when the headers go out, so requests that were already in flight when the
     // shutdown began also tell their keep-alive client to close the connection.
     const writeHead = res.writeHead.bind(res) as (...a: unknown[]) => Response;

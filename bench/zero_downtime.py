@@ -1,0 +1,121 @@
+"""Zero downtime under load (benchmark, not a test).
+
+    .venv/bin/python bench/zero_downtime.py [--rate 900] [--docker]
+
+A constant loopback load (bench/loadgen.py: half keep-alive, half fresh connections; GET /items, which reads
+the database) runs for the whole of: a release v1 -> v2 on the PM2 target, a rollback v2 -> v1, and with
+--docker (needs DOCKER_HOST, the registry and base image from scripts/containers) the same on the Docker
+Engine target behind nginx. Every non-2xx answer and connection error counts as failed.
+Target: 0 failed of at least 10,000 requests in each phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STATE = Path(tempfile.mkdtemp(prefix="ops-bench-zd-"))
+STATE.chmod(0o755)
+os.environ["OPS_STATE_DIR"] = str(STATE)
+os.environ["OPS_PROJECT_ROOT"] = str(ROOT)
+os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
+sys.path.insert(0, str(ROOT))
+
+import dagster as dg  # noqa: E402
+
+from bench.loadgen import Load  # noqa: E402
+from ops_pipeline.definitions import defs  # noqa: E402
+from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
+
+MIN_REQUESTS = 10_000
+
+
+def release_config(app: Path, env: str, version: str, port: int, docker: bool) -> dict:
+    cfg: dict = {"environment": env, "version": version, "app": {"path": str(app), "commands": {"lint": "", "test": ""}},
+                 "target": {"kind": "pm2", "instances": 2, "port": port}, "gate": {"interval_s": 0.5}}
+    if docker:
+        cfg["app"]["commands"].update({"install": "", "build": ""})  # the Dockerfile builds
+        cfg["target"] = {"kind": "docker", "instances": 3, "port": port, "docker": {
+            "image_repository": "127.0.0.1:5000/node-api-bench", "base_image": "localhost/ops-pipeline/node:20"}}
+    return {"ops": {"verify_env": {"config": cfg}}}
+
+
+def under_load(port: int, rate: float, label: str, action) -> dict:
+    t0 = time.monotonic()
+    with Load(port, rate=rate) as load:
+        ok = action()
+        # keep the load on until the phase has seen enough requests
+        while time.monotonic() - t0 < MIN_REQUESTS / rate + 1:
+            time.sleep(0.2)
+    r = load.result
+    print(f"  {label}: {r.requests} requests, {r.failed} failed, {time.monotonic() - t0:.1f} s", flush=True)
+    return {"phase": label, "ok_run": ok, "requests": r.requests, "2xx": r.ok, "non_2xx": r.non_2xx, "errors": r.errors,
+            "seconds": r.seconds, "rate": r.rate, "versions": r.versions, "samples": r.samples}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=900, help="requests per second")
+    parser.add_argument("--docker", action="store_true", help="also the Docker Engine target (needs DOCKER_HOST)")
+    args = parser.parse_args()
+    home = STATE / "dagster_home"
+    home.mkdir()
+    shutil.copy(ROOT / "config" / "dagster.yaml", home / "dagster.yaml")
+    app = STATE / "app"
+    shutil.copytree(ROOT / "examples" / "node-api", app, ignore=shutil.ignore_patterns("node_modules", "dist", ".test-dist"))
+    stack = LocalStack()
+    rows: list[dict] = []
+    envs = []
+    try:
+        stack.ensure_running()
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"], cwd=app, check=True)
+        with dg.instance_for_test(temp_dir=str(home)) as instance:
+            release = defs.get_job_def("release")
+            rollback = defs.get_job_def("rollback")
+            targets = [("PM2", False)] + ([("Docker", True)] if args.docker else [])
+            for name, docker in targets:
+                env, port = f"zd-{name.lower()}", free_port()
+                envs.append(env)
+                print(f"{name}: releasing v1 (no load yet)...", flush=True)
+                assert release.execute_in_process(run_config=release_config(app, env, "v1", port, docker), instance=instance).success
+
+                def do_release(env=env, port=port, docker=docker):
+                    return release.execute_in_process(run_config=release_config(app, env, "v2", port, docker),
+                                                      instance=instance).success
+
+                def do_rollback(env=env):
+                    return rollback.execute_in_process(
+                        run_config={"ops": {"plan_rollback": {"config": {"environment": env, "reason": "bench"}}}},
+                        instance=instance).success
+
+                rows.append(under_load(port, args.rate, f"{name} release v1->v2", do_release))
+                rows.append(under_load(port, args.rate, f"{name} rollback v2->v1", do_rollback))
+    finally:
+        for env in envs:
+            subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
+                           env={**os.environ, "PM2_HOME": str(STATE / "envs" / env / "pm2")})
+        stack.stop()
+        shutil.rmtree(STATE, ignore_errors=True)
+
+    print()
+    print(f"{'phase':<26}{'requests':>10}{'2xx':>10}{'non-2xx':>9}{'conn err':>10}{'req/s':>8}  versions seen")
+    all_ok = True
+    for r in rows:
+        vers = ", ".join(f"{k}:{v}" for k, v in sorted(r["versions"].items()))
+        print(f"{r['phase']:<26}{r['requests']:>10}{r['2xx']:>10}{r['non_2xx']:>9}{r['errors']:>10}{r['rate']:>8.0f}  {vers}")
+        if r["samples"]:
+            print(f"{'':<26}first failures: {r['samples'][:3]}")
+        all_ok &= r["ok_run"] and r["non_2xx"] + r["errors"] == 0 and r["requests"] >= MIN_REQUESTS
+    print(f"\ntarget: 0 failed of >= {MIN_REQUESTS} requests per phase: {'met' if all_ok else 'NOT met'}")
+    return 0 if all_ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
