@@ -104,6 +104,12 @@ def main() -> int:
             rbs = list(inst.get_runs(filters=dg.RunsFilter(job_name="rollback")))
             stats = inst.get_run_stats(rbs[0].run_id) if rbs else None
             created = inst.get_run_record_by_id(rbs[0].run_id).create_timestamp.timestamp() if rbs else None
+            timeline = []
+            for rec in (inst.all_logs(rbs[0].run_id) if rbs else []):
+                ev = rec.dagster_event
+                if ev and ev.event_type_value in ("PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_STARTING", "RUN_START",
+                                                  "STEP_START", "STEP_SUCCESS", "RUN_SUCCESS"):
+                    timeline.append((rec.timestamp, f"{ev.event_type_value} {ev.step_key or ''}".strip()))
     finally:
         servers.stop()
         subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
@@ -123,6 +129,9 @@ def main() -> int:
     print(f"  every instance on v1               +{took:5.1f} s   (target <= 15 s: {'met' if took <= 15 else 'NOT met'})")
     if stats and stats.end_time:
         print(f"  rollback run finished (gate too)   +{stats.end_time - first_fail:5.1f} s")
+    print("\nrollback run timeline (from the first failing probe):")
+    for ts, what in timeline:
+        print(f"  +{ts - first_fail:5.1f} s  {what}")
     print(f"\nuser requests during the incident: {result.requests}, failed {result.failed} "
           f"(non-2xx {result.non_2xx}, connection errors {result.errors}); versions {result.versions}")
     print(f"rollback runs: {len(rbs)} (expected exactly 1)")

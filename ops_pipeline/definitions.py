@@ -12,7 +12,6 @@ so the UI shows the variable's name, never its value:
 import os
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 
 from ops_pipeline.jobs import backup, release, restore_database_job, restore_drill_job, rollback
 from ops_pipeline.local_stack import LocalStack
@@ -35,13 +34,6 @@ def _env_secret(name: str):
 
 
 def build_resources() -> dict:
-    s3 = S3Resource(
-        endpoint_url=os.environ.get("OPS_S3_ENDPOINT_URL") or None,
-        region_name=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        aws_access_key_id=_env_secret("AWS_ACCESS_KEY_ID") or None,
-        aws_secret_access_key=_env_secret("AWS_SECRET_ACCESS_KEY") or None,
-        max_attempts=int(os.environ.get("OPS_S3_MAX_ATTEMPTS", "3")),
-    )
     docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""),
                           registry_username=os.environ.get("OPS_REGISTRY_USERNAME", ""),
                           registry_password=_env_secret("OPS_REGISTRY_PASSWORD"))
@@ -54,7 +46,11 @@ def build_resources() -> dict:
             local_dir=os.environ.get("OPS_BACKUP_DIR", ""),
             bucket=os.environ.get("OPS_BACKUP_BUCKET", ""),
             prefix=os.environ.get("OPS_BACKUP_PREFIX", "backups"),
-            s3=s3,
+            s3_endpoint_url=os.environ.get("OPS_S3_ENDPOINT_URL", ""),
+            s3_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+            aws_access_key_id=_env_secret("AWS_ACCESS_KEY_ID"),
+            aws_secret_access_key=_env_secret("AWS_SECRET_ACCESS_KEY"),
+            s3_max_attempts=int(os.environ.get("OPS_S3_MAX_ATTEMPTS", "3")),
         ),
         "deploy_targets": DeployTargets(
             pm2=Pm2Resource(pm2_bin=os.environ.get("OPS_PM2_BIN", "")),

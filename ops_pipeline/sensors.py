@@ -1,11 +1,11 @@
 """Sensors that roll a bad release back: a health watch over every released environment, and release failures.
 
 The sensor daemon evaluates a sensor about every 5 s whatever its interval says, so the health watch
-probes several times per evaluation (default 4 probes 1 s apart) and keeps consecutive failures in its
-JSON cursor across evaluations: three failed probes in a row (never a single blip) request one rollback
+probes several times per evaluation (default 5 probes 1 s apart, so evaluations follow each other with no
+gap) and keeps consecutive failures in its JSON cursor across evaluations: three failed probes in a row (never a single blip) request one rollback
 per incident, keyed on environment + bad version.
 
-Settings (environment, read at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (4),
+Settings (environment, read at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
 OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0).
 """
 
@@ -38,7 +38,7 @@ def _setting(name: str, default: float, minimum: float) -> float:
 
 
 THRESHOLD = int(_setting("OPS_HEALTH_FAILURE_THRESHOLD", 3, 1))
-PROBES_PER_TICK = int(_setting("OPS_HEALTH_PROBES_PER_TICK", 4, 1))
+PROBES_PER_TICK = int(_setting("OPS_HEALTH_PROBES_PER_TICK", 5, 1))
 PROBE_INTERVAL_S = _setting("OPS_HEALTH_PROBE_INTERVAL_S", 1.0, 0.05)
 PROBE_TIMEOUT_S = _setting("OPS_HEALTH_PROBE_TIMEOUT_S", 2.0, 0.1)
 

@@ -29,9 +29,8 @@ def s3_server(tmp_path_factory):
 
 
 def s3_store(endpoint: str, **kw) -> BackupStore:
-    return BackupStore(kind="s3", bucket=BUCKET, prefix=kw.pop("prefix", "backups"), part_size_mb=5,
-                       s3=S3Resource(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                                     aws_secret_access_key="testing", max_attempts=kw.pop("max_attempts", 2)))
+    return BackupStore(kind="s3", bucket=BUCKET, prefix=kw.pop("prefix", "backups"), part_size_mb=5, s3_endpoint_url=endpoint,
+                       aws_access_key_id="testing", aws_secret_access_key="testing", s3_max_attempts=kw.pop("max_attempts", 2))
 
 
 def keys(client, prefix: str) -> list[str]:
@@ -86,9 +85,7 @@ def test_s3_errors_then_recovery_lands_the_backup_exactly_once(scratch_db, s3_se
 
 def test_s3_timeouts_abort_the_upload_and_register_nothing(scratch_db, s3_server):
     server, proxy, client = s3_server
-    store = BackupStore(kind="s3", bucket=BUCKET, prefix="hang", part_size_mb=5,
-                        s3=S3Resource(endpoint_url=proxy.url, region_name="us-east-1", aws_access_key_id="testing",
-                                      aws_secret_access_key="testing", max_attempts=1))
+    store = s3_store(proxy.url, prefix="hang", max_attempts=1)
     proxy.hang_s = 3
     proxy.fail_next(100, match="hang/", action="hang")
     import botocore.config

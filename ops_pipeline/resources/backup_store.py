@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import dagster as dg
-from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
 from ops_pipeline import paths
@@ -116,7 +115,19 @@ class BackupStore(dg.ConfigurableResource):
     bucket: str = Field("", description="S3 bucket (kind: s3).")
     prefix: str = Field("backups", description="Key prefix inside the store.")
     part_size_mb: int = Field(16, description="S3 multipart part size in MiB (min 5).")
-    s3: S3Resource = Field(default_factory=S3Resource, description="S3 connection (endpoint_url, region, credentials via EnvVar).")
+    s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS).")
+    s3_region: str = Field("us-east-1", description="S3 region.")
+    aws_access_key_id: str = Field("", description="Access key id (set with EnvVar; empty: the default credential chain).")
+    aws_secret_access_key: str = Field("", description="Secret access key (set with EnvVar).")
+    s3_max_attempts: int = Field(3, description="boto3 attempts per request before the op's RetryPolicy takes over.")
+
+    def s3_resource(self):
+        """dagster-aws's S3Resource for this store (imported on first use: boto3 costs ~0.6 s to import)."""
+        from dagster_aws.s3 import S3Resource
+
+        return S3Resource(endpoint_url=self.s3_endpoint_url or None, region_name=self.s3_region,
+                          aws_access_key_id=self.aws_access_key_id or None,
+                          aws_secret_access_key=self.aws_secret_access_key or None, max_attempts=self.s3_max_attempts)
 
     # ---- helpers ------------------------------------------------------------------------------
     @property
@@ -127,7 +138,7 @@ class BackupStore(dg.ConfigurableResource):
         return "/".join(p.strip("/") for p in (self.prefix, *parts) if p)
 
     def _client(self):
-        return self.s3.get_client()
+        return self.s3_resource().get_client()
 
     def validate(self) -> None:
         if self.kind == "s3" and not self.bucket:
@@ -252,8 +263,8 @@ class BackupStore(dg.ConfigurableResource):
         key = self._key(database, backup_id, name)
         if self.kind == "local":
             return (self.root / key).as_uri()
-        endpoint = (self.s3.endpoint_url or "").rstrip("/")
+        endpoint = self.s3_endpoint_url.rstrip("/")
         if endpoint:
             return f"{endpoint}/{self.bucket}/{key}"
-        region = self.s3.region_name or "us-east-1"
+        region = self.s3_region or "us-east-1"
         return f"https://{self.bucket}.s3.{region}.amazonaws.com/{key}"

@@ -135,7 +135,6 @@ def test_backup_store_full_or_read_only(node_app, releaser, verified_backups, re
 
 def test_s3_endpoint_answering_500s_and_timeouts(fault_env, verified_backups, report, instance):
     import boto3
-    from dagster_aws.s3 import S3Resource
 
     from tests.s3_server import FaultProxy, MotoServer
 
@@ -145,8 +144,8 @@ def test_s3_endpoint_answering_500s_and_timeouts(fault_env, verified_backups, re
         client = boto3.client("s3", endpoint_url=server.url, region_name="us-east-1", aws_access_key_id="k",
                               aws_secret_access_key="s")
         client.create_bucket(Bucket="fault-backups")
-        store = BackupStore(kind="s3", bucket="fault-backups", part_size_mb=5, s3=S3Resource(
-            endpoint_url=proxy.url, region_name="us-east-1", aws_access_key_id="k", aws_secret_access_key="s", max_attempts=1))
+        store = BackupStore(kind="s3", bucket="fault-backups", part_size_mb=5, s3_endpoint_url=proxy.url,
+                            aws_access_key_id="k", aws_secret_access_key="s", s3_max_attempts=1)
         good = backups.take_backup(PG, store, fault_env.services().database_url, trigger="manual", environment="s3f",
                                    log=lambda m: None)
         proxy.fail_next(1000, match="partNumber=", action="500")  # every part upload fails: S3 is down for writes
