@@ -122,3 +122,37 @@ def test_migrate_refuses_without_a_verified_backup(spec):
     with dg.build_op_context(resources={**resources(), "docker_engine": DockerEngine()}) as ctx, pytest.raises(dg.Failure) as err:
         migrate_database(ctx, spec, artifact, {"id": "x", "verified": False})
     assert "no verified backup" in err.value.description
+
+
+def test_rolling_deploy_and_health_gate_ops(node_app, local_stack, instance, environment_name, pm2_cleanup):
+    import httpx
+
+    from ops_pipeline import history
+    from ops_pipeline.local_stack import free_port
+    from ops_pipeline.ops.deploy import rolling_deploy
+    from ops_pipeline.ops.health import health_gate
+    from ops_pipeline.resources.targets import DeployTargets
+
+    pm2_cleanup(environment_name)
+    port = free_port()
+    cfg = ReleaseConfig(environment=environment_name, version="d1", app={"path": str(node_app)},
+                        target={"instances": 2, "port": port}, gate={"interval_s": 0.3})
+    with dg.build_op_context(resources=resources()) as ctx:
+        spec = verify_env(ctx, cfg)
+    run_tests(dg.build_op_context(), spec.__class__(**{**spec.__dict__}))
+    with dg.build_op_context(resources={"docker_engine": DockerEngine()}) as ctx:
+        artifact = build_image(ctx, spec)
+    migration = MigrationResult(applied=["m1"], backup_id="b-1")
+    targets = DeployTargets.with_defaults()
+    with dg.build_op_context(resources={**resources(), "deploy_targets": targets}, instance=instance) as ctx:
+        deployment = rolling_deploy(ctx, spec, artifact, migration)
+        md = ctx.get_output_metadata("result")
+    assert deployment["version"] == "d1" and len(deployment["rollout"]["instances"]) == 2
+    assert md["instances_rolled"].value == deployment["rollout"]["instances"]
+    r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert r.status_code == 200 and r.json()["version"] == "d1"
+    with dg.build_op_context(resources={"local_stack": LocalStack(), "deploy_targets": targets}, instance=instance) as ctx:
+        out = health_gate(ctx, spec, deployment)
+    assert out["gate"]["probes"] >= 3 and out["gate"]["instances_checked"] == 2
+    # the gate's history entry is logged as an event by the op; in a real run it lands in deployments/<env>
+    assert history.asset_key(environment_name).path == ["deployments", environment_name]
