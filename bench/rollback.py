@@ -107,7 +107,8 @@ def main() -> int:
             timeline = []
             for rec in (inst.all_logs(rbs[0].run_id) if rbs else []):
                 ev = rec.dagster_event
-                if ev and ev.event_type_value in ("PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_STARTING", "RUN_START",
+                if ev and ev.event_type_value in ("PIPELINE_ENQUEUED", "PIPELINE_DEQUEUED", "PIPELINE_STARTING", "PIPELINE_START",
+                                                  "RESOURCE_INIT_STARTED", "RESOURCE_INIT_SUCCESS",
                                                   "STEP_START", "STEP_SUCCESS", "RUN_SUCCESS"):
                     timeline.append((rec.timestamp, f"{ev.event_type_value} {ev.step_key or ''}".strip()))
     finally:

@@ -119,8 +119,9 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
 
 
 @dg.op(
-    description="Redeploys the rollback target through the same target and rolling procedure (no rebuild: the last good "
-                "release's artifact is kept ready).",
+    description="Redeploys the rollback target through the same target and rolling procedure, built for speed: the "
+                "last good release's artifact is kept ready (no rebuild) and every new instance starts at once; an old "
+                "instance leaves only when a new one is healthy, so no request is dropped.",
     tags={"stage": "rollback"},
 )
 def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: LocalStack, postgres: PostgresResource,
@@ -133,7 +134,7 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
     target = deploy_targets.for_spec(spec, env.redactor)
     artifact = Artifact.from_json(plan["target_artifact"])
     try:
-        report = target.rollout(artifact, spec.version, env.for_process(), context.log.info)
+        report = target.rollout(artifact, spec.version, env.for_process(), context.log.info, surge_all=True)
     except RolloutError as exc:
         context.log_event(history.materialization(
             spec.environment, history.ROLLBACK_FAILED, spec.version, run_id=context.run_id, from_version=plan["bad_version"],

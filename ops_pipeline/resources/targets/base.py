@@ -106,8 +106,12 @@ class DeployTarget(ABC):
         """Make the artifact available where it runs (release folder, image pulled) without serving it."""
 
     @abstractmethod
-    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
-        """Replace the serving instances by `version`, one at a time, without dropping requests."""
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
+                surge_all: bool = False) -> RolloutReport:
+        """Replace the serving instances by `version`, one at a time, without dropping requests.
+
+        `surge_all` (rollbacks: speed matters most) starts every new instance at once; old instances are still
+        taken out only after new ones are healthy, so no request is dropped. Targets that cannot may ignore it."""
 
     def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
         """Remove old release material, never anything in `keep_versions`. Returns what was removed."""

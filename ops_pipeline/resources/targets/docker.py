@@ -698,7 +698,8 @@ class DockerTarget(DeployTarget):
         return detail
 
     # ---- rollout --------------------------------------------------------------------------------
-    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
+                surge_all: bool = False) -> RolloutReport:
         import docker
 
         ref = self.prepare(artifact, version, log)

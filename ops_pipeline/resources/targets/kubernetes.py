@@ -131,7 +131,8 @@ class KubernetesTarget(DeployTarget):
     def prepare(self, artifact: Artifact, version: str, log: LogFn) -> None:
         """Nothing to do: the cluster pulls the image itself."""
 
-    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
+                surge_all: bool = False) -> RolloutReport:
         # app_env is deliberately unused: its secrets reach the pods through the Secret `api-secrets`.
         report = RolloutReport(version=version, previous_versions=sorted({i.version for i in self.serving()}))
         if artifact.kind != "image":

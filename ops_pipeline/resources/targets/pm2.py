@@ -312,17 +312,19 @@ class Pm2Target(DeployTarget):
         # PM2 sends SIGINT, waits kill_timeout for the app to drain, then SIGKILL.
         self.pm2("delete", inst.id, log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
 
-    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn) -> RolloutReport:
+    def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
+                surge_all: bool = False) -> RolloutReport:
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
         old = [i for i in self.serving()]
         previous = self.current_version()
         report = RolloutReport(version=version, previous_versions=sorted({i.version for i in old}))
         started = time.monotonic()
-        log(f"rolling out {version} to {self.spec.target.instances} instance(s) on PM2 (one at a time); serving now: "
+        log(f"rolling out {version} to {self.spec.target.instances} instance(s) on PM2 "
+            f"({'all new instances at once' if surge_all else 'one at a time'}); serving now: "
             f"{', '.join(f'{i.name}[{i.status}]' for i in old) or 'nothing'}")
         try:
-            new = self._surge(version, deploy_id, old, app_env, report, started, log)
+            new = self._surge(version, deploy_id, old, app_env, report, started, log, surge_all=surge_all)
         except (RolloutError, CommandError, OSError) as exc:
             detail = str(exc)
             tail = getattr(exc, "log_tail", "")
@@ -346,16 +348,27 @@ class Pm2Target(DeployTarget):
         return report
 
     def _surge(self, version: str, deploy_id: str, old: list[Instance], app_env: dict[str, str], report: RolloutReport,
-               started: float, log: LogFn) -> list[str]:
+               started: float, log: LogFn, surge_all: bool = False) -> list[str]:
         """One slot at a time: a new instance must be healthy before an old one is taken out. The old one then drains
-        in the background while the next new one starts (at most one drain at a time)."""
+        in the background while the next new one starts (at most one drain at a time). With `surge_all`, every new
+        instance starts at once and old ones leave as new ones turn healthy."""
         new: list[str] = []
         old = list(old)
-        with ThreadPoolExecutor(max_workers=1) as drainer:
+        slots = range(self.spec.target.instances)
+        with ThreadPoolExecutor(max_workers=1) as drainer, ThreadPoolExecutor(max_workers=len(slots)) as starter:
             drains = []
             try:
-                for slot in range(self.spec.target.instances):
-                    name = self._surge_slot(slot, version, deploy_id, app_env, report, started, log)
+                if surge_all:
+                    futures = [starter.submit(self._surge_slot, slot, version, deploy_id, app_env, report, started, log)
+                               for slot in slots]
+                    pending = list(futures)
+                else:
+                    pending = []
+                for slot in slots:
+                    if surge_all:
+                        name = pending.pop(0).result()
+                    else:
+                        name = self._surge_slot(slot, version, deploy_id, app_env, report, started, log)
                     new.append(name)
                     if old:
                         drains.append(drainer.submit(self._drain, old.pop(0), report, started, log, "drained and stopped"))
