@@ -20,7 +20,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STATE = Path(tempfile.mkdtemp(prefix="ops-bench-orch-"))
+# Step processes of the multiprocess run re-import this module: they must find the same state dir.
+if "OPS_BENCH_ORCH_STATE" not in os.environ:
+    os.environ["OPS_BENCH_ORCH_STATE"] = tempfile.mkdtemp(prefix="ops-bench-orch-")
+STATE = Path(os.environ["OPS_BENCH_ORCH_STATE"])
 STATE.chmod(0o755)
 os.environ["OPS_STATE_DIR"] = str(STATE)
 os.environ["OPS_PROJECT_ROOT"] = str(ROOT)
@@ -47,9 +50,9 @@ def timings(instance: dg.DagsterInstance, run_id: str) -> tuple[float, float, di
         ev = rec.dagster_event
         if ev is None:
             continue
-        if ev.event_type_value == "RUN_START":
+        if ev.event_type_value in ("PIPELINE_START", "RUN_START"):
             first = rec.timestamp
-        if ev.event_type_value in ("RUN_SUCCESS", "RUN_FAILURE"):
+        if ev.event_type_value in ("PIPELINE_SUCCESS", "PIPELINE_FAILURE", "RUN_SUCCESS", "RUN_FAILURE"):
             last = rec.timestamp
         if ev.event_type_value == "STEP_START":
             starts[ev.step_key] = rec.timestamp
@@ -82,29 +85,31 @@ def main() -> int:
         stack.ensure_running()
         print(f"embedded stack up in {time.monotonic() - t0:.1f} s; npm ci of the app (not timed)...", flush=True)
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"], cwd=app, check=True)
-        port = free_port()
         with dg.instance_for_test(temp_dir=str(home)) as instance:
-            # warm-up release: builds caches (install stamp, production dependencies) both variants then share
-            warm = defs.get_job_def("release").execute_in_process(run_config=run_config(app, "bench", "warm", port, args.full),
-                                                                  instance=instance)
-            assert warm.success
-            for label, version in (("in-process (shipped)", "v1"), ("multiprocess (default)", "v2")):
+            # warm-up releases: build the caches (install stamp, production dependencies) both variants then share,
+            # and put a v0 in each environment so both measured runs replace a serving version.
+            ports = {"bench-inproc": free_port(), "bench-multiproc": free_port()}
+            for env, port in ports.items():
+                warm = defs.get_job_def("release").execute_in_process(
+                    run_config=run_config(app, env, "v0", port, args.full), instance=instance)
+                assert warm.success
+            for label, env in (("in-process (shipped)", "bench-inproc"), ("multiprocess (default)", "bench-multiproc")):
                 started = time.monotonic()
-                if version == "v1":
-                    result = defs.get_job_def("release").execute_in_process(
-                        run_config=run_config(app, "bench", version, port, args.full), instance=instance)
+                cfg = run_config(app, env, "v1", ports[env], args.full)
+                if env == "bench-inproc":
+                    result = defs.get_job_def("release").execute_in_process(run_config=cfg, instance=instance)
                     run_id, ok = result.run_id, result.success
                 else:
-                    result = dg.execute_job(dg.reconstructable(release_multiprocess), instance=instance,
-                                            run_config=run_config(app, "bench", version, port, args.full))
+                    result = dg.execute_job(dg.reconstructable(release_multiprocess), instance=instance, run_config=cfg)
                     run_id, ok = result.run_id, result.success
                 outer = time.monotonic() - started
                 assert ok, f"{label} release failed"
                 wall, work, steps = timings(instance, run_id)
                 rows.append((label, outer, wall, work, wall - work, steps))
     finally:
-        subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
-                       env={**os.environ, "PM2_HOME": str(STATE / "envs" / "bench" / "pm2")})
+        for env in ("bench-inproc", "bench-multiproc"):
+            subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
+                           env={**os.environ, "PM2_HOME": str(STATE / "envs" / env / "pm2")})
         stack.stop()
         shutil.rmtree(STATE, ignore_errors=True)
 
