@@ -177,6 +177,16 @@ class LocalStack(dg.ConfigurableResource):
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
         return subprocess.run(argv, preexec_fn=demote, env=env, capture_output=True, text=True, cwd="/", **kw)
 
+    def _ensure_traversable(self, path: Path) -> None:
+        """The unprivileged server user must reach its data folder: add o+x to every parent lacking it
+        (e.g. /root is 0700), as pgserver does. Nothing is made readable."""
+        if self._pg_user() is None:
+            return
+        for parent in [path, *path.parents]:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+
     def _chown(self, path: Path) -> None:
         user = self._pg_user()
         if user is not None:
@@ -189,6 +199,7 @@ class LocalStack(dg.ConfigurableResource):
         log = self.root / "postgres.log"
         for d in (self.root, sock):
             d.mkdir(parents=True, exist_ok=True)
+        self._ensure_traversable(self.root)
         self._chown(sock)
         if not (data / "PG_VERSION").exists():
             if data.exists():

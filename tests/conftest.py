@@ -92,8 +92,14 @@ def _copy_app(src: Path, dst: Path, *, link_node_modules: bool = True) -> Path:
 def node_app(state_dir) -> Path:
     """A private copy of examples/node-api with its dependencies installed once per session."""
     dst = _copy_app(EXAMPLE_APP, state_dir / "apps" / "node-api", link_node_modules=False)
-    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"], cwd=dst, check=True,
-                   capture_output=True, timeout=600)
+    from ops_pipeline.ops.tests import INSTALL_STAMP, _install_stamp
+    from ops_pipeline.spec import CommandsConfig
+
+    install = CommandsConfig().install
+    subprocess.run(install.split(), cwd=dst, check=True, capture_output=True, timeout=600)
+    # what run_tests itself records after an install: releases of this copy skip the (identical) install
+    (dst / "node_modules" / INSTALL_STAMP).write_text(_install_stamp(dst, install))
+    subprocess.run(["npm", "run", "build"], cwd=dst, check=True, capture_output=True, timeout=300)
     return dst
 
 
@@ -115,16 +121,19 @@ def app_variant(node_app, tmp_path_factory):
 
 def release_run_config(app_dir: Path, environment: str, *, version: str, port: int | None = None, instances: int = 2,
                        fast: bool = False, **overrides) -> dict:
-    """Run config of the release job. `fast` skips lint and the app's test suite (for deploy-focused tests)."""
+    """Run config of the release job. `fast` skips lint and the app's test suite (for deploy-focused tests), and the
+    build too when the app folder is already built (the session copy; edited variants are always built)."""
     cfg: dict = {
         "environment": environment,
         "version": version,
         "app": {"path": str(app_dir)},
         "target": {"kind": "pm2", "instances": instances, "port": port or free_port()},
-        "gate": {"interval_s": 0.5, "deadline_s": 60},
+        "gate": {"interval_s": 0.25, "deadline_s": 60},
     }
     if fast:
         cfg["app"]["commands"] = {"lint": "", "test": ""}
+        if (Path(app_dir) / "dist" / "server.js").exists():
+            cfg["app"]["commands"]["build"] = ""
     _merge(cfg, overrides)
     return {"ops": {"verify_env": {"config": cfg}}}
 

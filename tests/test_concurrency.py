@@ -26,6 +26,8 @@ def test_five_concurrent_cli_releases_never_overlap(node_app, environment_name, 
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text((ROOT / "config" / "dagster.yaml").read_text())
+    with dg.DagsterInstance.from_config(str(home)) as inst:  # create the storage once, not in five racing processes
+        inst.get_runs(limit=1)
     port = free_port()
     procs = []
     for i in range(5):
@@ -44,6 +46,7 @@ def test_five_concurrent_cli_releases_never_overlap(node_app, environment_name, 
         runs = inst.get_runs(filters=dg.RunsFilter(job_name="release"))
         assert len(runs) == 5
         windows, waited, refused = [], [], []
+        timelines = {}
         for run in runs:
             records = inst.all_logs(run.run_id)
             got = [r.timestamp for r in records if "holding the release lock" in (r.user_message or "")]
@@ -56,11 +59,18 @@ def test_five_concurrent_cli_releases_never_overlap(node_app, environment_name, 
                 assert "another release of" in msg and "held by" in msg, msg
                 refused.append(run.run_id)
                 continue
-            end = max(r.timestamp for r in records)
-            windows.append((got[0], end, run.tags.get("ops/version")))
+            # logged just before the unlock: an upper bound of when this run held the environment
+            ends = [r.timestamp for r in records if "releasing lock(s) 'environment:" in (r.user_message or "")]
+            assert len(got) == 1 and len(ends) == 1, (run.run_id, got, ends)
+            windows.append((got[0], ends[0], run.tags.get("ops/version")))
+            timelines[run.tags.get("ops/version")] = [(r.timestamp, r.step_key, r.user_message[:80]) for r in records
+                                                      if r.user_message]
         hist = history.load(inst, env)
     windows.sort()
     for (s1, e1, v1), (s2, e2, v2) in zip(windows, windows[1:]):
+        if s2 < e1:
+            around = sorted([(t, v, k, m) for v in (v1, v2) for (t, k, m) in timelines[v] if s2 - 3 <= t <= e1 + 1])
+            print("\n".join(f"{t:.3f} {v} {k} {m}" for t, v, k, m in around))
         assert s2 >= e1, f"{v1} held the environment until {e1}, {v2} entered at {s2}: overlap"
     assert len(windows) + len(refused) == 5 and len(windows) >= 4
     assert codes.count(0) == len(windows), outputs

@@ -2,6 +2,7 @@
 
 import errno
 import time
+import uuid
 from datetime import UTC, datetime
 
 import dagster as dg
@@ -214,7 +215,7 @@ def drill_newest_backup(context: dg.OpExecutionContext, config: DrillConfig, spe
         manifest = backups.find_backup(backup_store, scope, config.backup_id)
     except backups.BackupError as exc:
         raise dg.Failure(description=str(exc), allow_retries=False) from None
-    scratch = f"{info.database}_drill_{datetime.now(UTC):%Y%m%d%H%M%S}"[:63]
+    scratch = f"{info.database[:30]}_drill_{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:4]}"
     admin_url = _admin_url(spec, local_stack, url)
     result: dict = {"backup_id": manifest["id"], "scratch_database": scratch}
     try:
@@ -314,7 +315,7 @@ def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreCon
     context.log.warning(f"backup {manifest['id']} was taken {manifest['finished']}: writes of the last {window} "
                         f"(since then) are NOT in it")
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    restored = f"{live}_restored_{stamp}"[:63]
+    restored = f"{live[:30]}_restored_{stamp}_{uuid.uuid4().hex[:4]}"
     timing = backups.restore_into(postgres, backup_store, manifest, url, restored, jobs=config.jobs, log=context.log.info,
                                   redactor=env.redactor)
     counts = postgres.table_row_counts(url, restored)
@@ -332,7 +333,7 @@ def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreCon
                                                   description=f"safety backup {safety['id']} before restore",
                                                   metadata={"backup_id": safety["id"], "sha256": safety["sha256"],
                                                             "size_bytes": safety["stored_bytes"]}))
-        aside = f"{live}_before_restore_{stamp}"[:63]
+        aside = f"{live[:30]}_before_restore_{stamp}_{uuid.uuid4().hex[:4]}"
         switch_databases(postgres, url, live=live, restored=restored, aside=aside)
         result.update({"switched": True, "safety_backup_id": safety["id"], "previous_database": aside})
         context.log.warning(f"switched: {restored} is now {live}; the previous database is kept as {aside}")

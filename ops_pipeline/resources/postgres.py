@@ -100,6 +100,9 @@ class PostgresResource(dg.ConfigurableResource):
     _held_locks: dict = PrivateAttr(default_factory=dict)
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._held_locks and context.log:
+            # logged before the unlock: its timestamp is an upper bound of the time the lock was held
+            context.log.info(f"releasing lock(s) {', '.join(repr(n) for n in self._held_locks)}")
         self.release_held_locks()
 
     def hold_lock(self, url: str, name: str, *, holder: str, wait_s: float, on_wait: Callable[[str], None] | None = None) -> bool:
@@ -112,11 +115,14 @@ class PostgresResource(dg.ConfigurableResource):
         self._held_locks[name] = cm
         return True
 
-    def release_held_locks(self) -> None:
+    def release_held_locks(self) -> list[str]:
+        released = []
         while self._held_locks:
-            _, cm = self._held_locks.popitem()
+            name, cm = self._held_locks.popitem()
             with contextlib.suppress(Exception):
                 cm.__exit__(None, None, None)
+            released.append(name)
+        return released
 
     def binary(self, name: str) -> str:
         d = Path(self.bin_dir) if self.bin_dir else pg_bin_dir()

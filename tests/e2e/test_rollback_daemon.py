@@ -84,8 +84,11 @@ def test_health_watch_rolls_back_a_release_that_turns_unhealthy(dagster_stack, r
 
 def test_failed_health_gate_triggers_the_release_failure_rollback(dagster_stack, released_v1, app_variant):
     env, port = released_v1
+    # Each new instance passes its own readiness check in its first second, then the whole version turns 503
+    # after 4 s of uptime: 8 consecutive healthy answers 1 s apart can never be reached.
     v2 = app_variant("v2-gate", app_variants.health_503_after_uptime(4))
-    run = dagster_stack.wait_run(release(dagster_stack, v2, env, "v2", port, gate={"deadline_s": 8, "interval_s": 1}))
+    run = dagster_stack.wait_run(release(dagster_stack, v2, env, "v2", port,
+                                         gate={"deadline_s": 12, "interval_s": 1, "required_successes": 8}))
     assert run.status.value == "FAILURE"
     rb = wait_for(lambda: [r for r in rollbacks(dagster_stack, env) if r.is_finished], 90, "a finished rollback")
     assert rb[0].status.value == "SUCCESS", dagster_stack.log_tail("daemon")

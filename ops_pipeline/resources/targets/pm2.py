@@ -268,7 +268,7 @@ class Pm2Target(DeployTarget):
         app_file = self.app_files / f"{deploy_id}-{slot}.json"
         app_file.write_text(json.dumps(definition, indent=2))
         self.pm2("start", str(app_file), extra_env={**app_env, **public_env}, log=log,
-                 timeout_s=cfg.listen_timeout_s + 30)
+                 timeout_s=cfg.listen_timeout_s + 10)
         return name, port
 
     def _find(self, name: str, deploy_id: str) -> Instance | None:
