@@ -462,8 +462,7 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
             conn.execute("ANALYZE")
         restore_s = time.monotonic() - t1
     except BaseException:
-        with postgres.connect(url) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(target_db)))
+        drop_database(postgres, url, target_db)
         raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
@@ -498,9 +497,18 @@ def amcheck(postgres: PostgresResource, url: str, database: str, log: LogFn) -> 
     return result
 
 
-def drop_database(postgres: PostgresResource, url: str, database: str) -> None:
-    with postgres.connect(url) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+def drop_database(postgres: PostgresResource, url: str, database: str, attempts: int = 5) -> None:
+    """DROP ... WITH (FORCE), retried: right after a restore an autovacuum worker may hold the database, and a
+    non-superuser may not terminate it ("permission denied to terminate process") until it finishes."""
+    for attempt in range(attempts):
+        try:
+            with postgres.connect(url) as conn:
+                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database)))
+            return
+        except psycopg.Error:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
 
 
 def data_loss_window(manifest: dict, now: float | None = None) -> timedelta:

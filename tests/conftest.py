@@ -28,11 +28,35 @@ os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
 os.environ.setdefault("DAGSTER_HOME", str(_STATE / "dagster_home"))
 (_STATE / "dagster_home").mkdir(exist_ok=True)
 shutil.copy(ROOT / "config" / "dagster.yaml", _STATE / "dagster_home" / "dagster.yaml")
+# Rows of the fault-injection summary, written by whichever process ran the test (pytest-xdist workers inherit
+# the controller's path) and printed at the end by the controller.
+os.environ.setdefault("OPS_FAULT_REPORT", str(Path(tempfile.gettempdir()) / f"ops-fault-report-{os.getpid()}.jsonl"))
 # The app's own variables must not leak in from the developer's shell.
 for _name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "NODE_ENV"):
     os.environ.pop(_name, None)
 
 from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter):
+    import json
+
+    path = Path(os.environ["OPS_FAULT_REPORT"])
+    if not path.exists():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path.unlink(missing_ok=True)
+    if not rows:
+        return
+    tr = terminalreporter
+    tr.section("fault-injection summary")
+    widths = (36, 10, 72, 10, 10)
+    header = ("fault", "result", "outcome (as the run explains it)", "serving", "data lost")
+    tr.write_line("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    tr.write_line("  ".join("-" * w for w in widths))
+    for row in sorted(rows, key=lambda r: r["fault"]):
+        cells = (row["fault"], row["result"], row["outcome"], row["serving"], row["data_lost"])
+        tr.write_line("  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)))
 
 
 def pytest_sessionfinish(session, exitstatus):

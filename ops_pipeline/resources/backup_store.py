@@ -115,6 +115,9 @@ class BackupStore(dg.ConfigurableResource):
     bucket: str = Field("", description="S3 bucket (kind: s3).")
     prefix: str = Field("backups", description="Key prefix inside the store.")
     part_size_mb: int = Field(16, description="S3 multipart part size in MiB (min 5).")
+    zstd_level: int = Field(3, description="zstd level of new backups (3: fastest at about gzip-6's size; 6 with 2 threads: "
+                                           "smaller, slower; see bench/backup.py).")
+    zstd_threads: int = Field(0, description="zstd worker threads (0: compress in the streaming thread).")
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS).")
     s3_region: str = Field("us-east-1", description="S3 region.")
     aws_access_key_id: str = Field("", description="Access key id (set with EnvVar; empty: the default credential chain).")
@@ -143,6 +146,8 @@ class BackupStore(dg.ConfigurableResource):
     def validate(self) -> None:
         if self.kind == "s3" and not self.bucket:
             raise StoreError("backup store: bucket is required when kind is 's3'")
+        if not 1 <= self.zstd_level <= 19:
+            raise StoreError(f"backup store: zstd_level must be between 1 and 19 (got {self.zstd_level})")
         if self.part_size_mb < 5:
             raise StoreError(f"backup store: part_size_mb must be >= 5 (got {self.part_size_mb})")
 

@@ -528,6 +528,7 @@ def wait_for(what: str, predicate, timeout: float, interval: float = 2.0, stack:
 
 
 @pytest.mark.containers
+@pytest.mark.xdist_group("engine")
 @pytest.mark.timeout(2700)
 @pytest.mark.filterwarnings("ignore::DeprecationWarning:gql.*")
 def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tmp_path, record_property):

@@ -23,7 +23,7 @@ from tests.containers.conftest import (
     docker_target_config,
 )
 
-pytestmark = pytest.mark.containers
+pytestmark = [pytest.mark.containers, pytest.mark.xdist_group("engine")]
 
 
 def public_versions(port: int, n: int = 15) -> set[str]:

@@ -10,7 +10,7 @@ from ops_pipeline.local_stack import free_port
 from tests import app_variants
 from tests.conftest import release_run_config
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemon")]
 
 
 def versions_served(port: int, n: int = 12) -> set[str]:

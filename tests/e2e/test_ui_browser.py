@@ -28,7 +28,7 @@ from ops_pipeline import history
 from ops_pipeline.local_stack import free_port
 from tests.conftest import ROOT, release_run_config
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser]
+pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.xdist_group("daemon")]
 
 SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = os.environ.get("OPS_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"

@@ -18,28 +18,15 @@ from ops_pipeline.resources.backup_store import BackupStore
 from ops_pipeline.resources.postgres import PostgresResource
 from tests.conftest import ROOT, make_defs, release_run_config
 
-REPORT: list[dict] = []
-
-
-def pytest_terminal_summary(terminalreporter):
-    if not REPORT:
-        return
-    tr = terminalreporter
-    tr.section("fault-injection summary")
-    widths = (34, 12, 60, 10, 18)
-    header = ("fault", "result", "outcome (as the run explains it)", "serving", "data lost")
-    tr.write_line("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    tr.write_line("  ".join("-" * w for w in widths))
-    for row in REPORT:
-        cells = (row["fault"], row["result"], row["outcome"], row["serving"], row["data_lost"])
-        tr.write_line("  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)))
-
-
 @pytest.fixture
 def report():
+    """Adds a row to the suite's summary table (printed by the root conftest, also under pytest-xdist)."""
+
     def add(fault: str, result: str, outcome: str, serving: str, data_lost: str = "none") -> None:
-        REPORT.append({"fault": fault, "result": result, "outcome": " ".join(outcome.split())[:200], "serving": serving,
-                       "data_lost": data_lost})
+        row = {"fault": fault, "result": result, "outcome": " ".join(outcome.split())[:200], "serving": serving,
+               "data_lost": data_lost}
+        with open(os.environ["OPS_FAULT_REPORT"], "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     return add
 
