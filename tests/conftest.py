@@ -41,6 +41,8 @@ from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
 def pytest_terminal_summary(terminalreporter):
     import json
 
+    if hasattr(terminalreporter.config, "workerinput"):  # an xdist worker: the controller prints the table
+        return
     path = Path(os.environ["OPS_FAULT_REPORT"])
     if not path.exists():
         return
