@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Benchmark: the seed's backup/restore script against ops_pipeline.backups, on a realistic ~1 GB database.
 
-    .venv/bin/python bench/backup.py [--gb 1.0] [--runs 2] [--explore] [--keep] [--database-url URL]
+    .venv/bin/python bench/backup.py [--gb 1.0] [--runs 2] [--explore [all|backup|restore]] [--keep]
+                                     [--database-url URL [--admin-database-url URL]]
 
 What it does, in one run:
   1. starts its own embedded stack (LocalStack in a fresh, world-traversable dir under /tmp), or uses
@@ -15,13 +16,16 @@ What it does, in one run:
        our restore   `restore_into(...)` into a fresh database        (decompress, pg_restore -j2, ANALYZE)
      and checks every restored database against the source (row counts, index and FK counts);
   4. prints the table, the ratios and the targets (backup >= 3x faster at no larger size, restore >= 1.5x);
-  5. with --explore, measures alternatives for our side (zstd level/threads, read chunk, pg_dump -Fd -j2,
-     pg_restore jobs, maintenance_work_mem, parallel index workers, --single-transaction, streamed restore,
-     parallel ANALYZE) and reports the fastest combination;
+  5. with --explore, measures alternatives for our side (zstd level/threads/min_match, read chunk,
+     pg_dump -Fd -j2 + tar, pg_restore jobs, maintenance_work_mem, parallel index workers,
+     --single-transaction, streamed restore, ANALYZE variants) and reports the fastest ones;
   6. stops the stack and removes its temp dir (unless --keep).
 
-Both sides use the same PostgreSQL client binaries (PostgresResource().binary(...)); passwords travel in
-PGPASSWORD, never on argv. This is a benchmark, not a test: on a shared 2-core machine expect +-20% noise.
+Every step reports wall time and CPU seconds: the client's (this process and its children) and, with the
+local stack, the server's (postmaster + backends, from /proc). CPU is far less sensitive to other load than
+wall time. Both sides use the same PostgreSQL client binaries (PostgresResource().binary(...)); passwords
+travel in PGPASSWORD, never on argv. This is a benchmark, not a test: on a shared 2-core machine wall times
+vary by 20% and more between runs (the load average at each step's start is printed).
 """
 
 from __future__ import annotations
@@ -144,6 +148,32 @@ def cpu_seconds() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+def postmaster_children(postmaster: int) -> Iterator[tuple[str, list[str]]]:
+    """(pid, /proc/<pid>/stat fields from `state` on) of every live child of the postmaster."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                text = (entry / "stat").read_text()
+                fields = text[text.rindex(")") + 2:].split()
+                if int(fields[1]) == postmaster:
+                    yield entry.name, fields
+
+
+def wait_for_client_backends_to_exit(postmaster: int | None, timeout_s: float = 5.0) -> None:
+    """A client's backend exits (and is reaped) a moment after the client: wait, so that its CPU time is
+    counted in the postmaster's cutime/cstime and not lost between two readings."""
+    deadline = time.monotonic() + timeout_s
+    while postmaster is not None and time.monotonic() < deadline:
+        busy = False
+        for pid, fields in postmaster_children(postmaster):
+            with contextlib.suppress(OSError):
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                busy = busy or fields[0] == "Z" or "(" in title or "[local]" in title  # "postgres: user db host(port)"
+        if not busy:
+            return
+        time.sleep(0.05)
+
+
 def server_cpu_seconds(postmaster: int | None) -> float:
     """User+system CPU of a local PostgreSQL: the postmaster, its live children (backends, checkpointer, parallel
     workers...) and the children it has already reaped (cutime/cstime). NaN when the server is not local."""
@@ -151,18 +181,10 @@ def server_cpu_seconds(postmaster: int | None) -> float:
         return float("nan")
     tick = os.sysconf("SC_CLK_TCK")
 
-    def fields(pid: int | str) -> list[str]:
-        text = Path(f"/proc/{pid}/stat").read_text()
-        return text[text.rindex(")") + 2:].split()  # fields from `state` on (index 0 = field 3)
-
-    f = fields(postmaster)
-    total = sum(int(x) for x in f[11:15])  # utime, stime, cutime, cstime
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                child = fields(entry.name)
-                if int(child[1]) == postmaster:
-                    total += int(child[11]) + int(child[12])
+    text = Path(f"/proc/{postmaster}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()  # fields from `state` on (index 0 = field 3 of proc(5))
+    total = sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
+    total += sum(int(child[11]) + int(child[12]) for _, child in postmaster_children(postmaster))
     return total / tick
 
 
@@ -220,12 +242,15 @@ class Bench:
         """Checkpoint (so no step pays for the previous one's dirty buffers), then start the clocks."""
         with contextlib.suppress(Exception), psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
+        wait_for_client_backends_to_exit(self.postmaster)
         return time.monotonic(), cpu_seconds(), server_cpu_seconds(self.postmaster), os.getloadavg()[0]
 
     def timed_end(self, start: tuple[float, float, float, float]) -> tuple[float, tuple[float, float], float]:
         """(wall seconds, (client CPU s, server CPU s), 1-minute load average at the start)."""
+        seconds = time.monotonic() - start[0]
+        wait_for_client_backends_to_exit(self.postmaster)
         cpu = (cpu_seconds() - start[1], server_cpu_seconds(self.postmaster) - start[2])
-        return time.monotonic() - start[0], cpu, start[3]
+        return seconds, cpu, start[3]
 
 
 # ---- 1. the server ---------------------------------------------------------------------------------
@@ -934,8 +959,16 @@ def row_count_cost(bench: Bench) -> float:
     return time.monotonic() - t0
 
 
-def explore(bench: Bench, result: dict, runs: int) -> None:
-    seed_b, seed_r = result["seed_backup"], result["seed_restore"]
+def explore(bench: Bench, result: dict, runs: int, what: str = "all") -> None:
+    fd_files: dict[str, Path] = {}
+    if what in ("all", "backup"):
+        fd_files = explore_backups(bench, result, runs)
+    if what in ("all", "restore"):
+        explore_restores(bench, result, runs, fd_files)
+
+
+def explore_backups(bench: Bench, result: dict, runs: int) -> dict[str, Path]:
+    seed_b = result["seed_backup"]
     print("\n=== explore: backup (including verification) ===", flush=True)
     log(f"take_backup's row counts alone (all tables, one connection): {row_count_cost(bench):.1f} s")
     b_measures, fd_files = explore_backup(bench, runs)
@@ -948,6 +981,8 @@ def explore(bench: Bench, result: dict, runs: int) -> None:
                              ("least CPU", b_measures, total_cpu),
                              ("fastest (wall) no larger than the seed's file", small, lambda m: m.best),
                              ("least CPU no larger than the seed's file", small, total_cpu)):
+        if key is total_cpu and bench.postmaster is None:
+            continue  # server CPU unknown (not a local server)
         if not pool:
             print(f"{label}: none")
             continue
@@ -956,6 +991,11 @@ def explore(bench: Bench, result: dict, runs: int) -> None:
               f"(wall {current.best / f.best:.2f}x vs current, {seed_b.best / f.best:.2f}x vs seed; "
               f"CPU {total_cpu(current) / total_cpu(f):.2f}x vs current; size {seed_b.size / f.size:.3f}x vs seed)")
 
+    return fd_files
+
+
+def explore_restores(bench: Bench, result: dict, runs: int, fd_files: dict[str, Path]) -> None:
+    seed_r = result["seed_restore"]
     print("\n=== explore: restore ===", flush=True)
     fd_archive = next((p for n, p in fd_files.items() if "zstd-3, threads=0" in n), None)
     r_measures = explore_restore(bench, result["manifest"], fd_archive, runs)
@@ -965,6 +1005,8 @@ def explore(bench: Bench, result: dict, runs: int) -> None:
     print(f"\nseed restore: best {seed_r.best:.1f} s, {total_cpu(seed_r):.1f} CPU s. "
           f"Current restore_into: {current.best:.1f} s, {total_cpu(current):.1f} CPU s.")
     for label, key in (("fastest (wall)", lambda m: m.best), ("least CPU", total_cpu)):
+        if key is total_cpu and bench.postmaster is None:
+            continue  # server CPU unknown (not a local server)
         f = min(r_measures, key=key)
         print(f"{label}: {f.name}: {f.best:.1f} s, {total_cpu(f):.1f} CPU s (wall {current.best / f.best:.2f}x vs current, "
               f"{seed_r.best / f.best:.2f}x vs seed; CPU {total_cpu(current) / total_cpu(f):.2f}x vs current)")
@@ -976,7 +1018,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=1.0, help="source database size in GB (pg_database_size), default 1.0")
     p.add_argument("--runs", type=int, default=2, help="timed runs per step (best is reported), default 2")
-    p.add_argument("--explore", action="store_true", help="also measure alternatives for our backup/restore")
+    p.add_argument("--explore", nargs="?", const="all", choices=["all", "backup", "restore"],
+                   help="also measure alternatives for our side (all, or only backup / restore)")
     p.add_argument("--explore-runs", type=int, default=2, help="runs per explored variant, default 2")
     p.add_argument("--keep", action="store_true", help="keep the stack, the temp dir and the databases")
     p.add_argument("--reuse", action="store_true", help="reuse an existing opsbench_src of the right size (with --database-url)")
@@ -1011,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
         result = compare(bench, args.runs)
         report(facts, source, result, args.runs)
         if args.explore:
-            explore(bench, result, args.explore_runs)
+            explore(bench, result, args.explore_runs, args.explore)
         print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         return 0
     finally:

@@ -106,8 +106,8 @@ def take_backup(
     environment: str,
     release_version: str = "",
     migrations_table: str = "pgmigrations",
-    level: int = 3,
-    threads: int = 0,
+    level: int = 6,
+    threads: int = 2,
     verify: bool = True,
 ) -> dict:
     """Dump `url`'s database into the store and verify it. Returns the manifest (written last)."""

@@ -115,9 +115,9 @@ class BackupStore(dg.ConfigurableResource):
     bucket: str = Field("", description="S3 bucket (kind: s3).")
     prefix: str = Field("backups", description="Key prefix inside the store.")
     part_size_mb: int = Field(16, description="S3 multipart part size in MiB (min 5).")
-    zstd_level: int = Field(3, description="zstd level of new backups (3: fastest at about gzip-6's size; 6 with 2 threads: "
-                                           "smaller, slower; see bench/backup.py).")
-    zstd_threads: int = Field(0, description="zstd worker threads (0: compress in the streaming thread).")
+    zstd_level: int = Field(6, description="zstd level of new backups. 6 with 2 threads: the seed script's gzip-6 size "
+                                           "at ~3x its speed; 3: ~4x its speed, ~9% larger (bench/backup.py).")
+    zstd_threads: int = Field(2, description="zstd worker threads (0: compress in the streaming thread).")
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS).")
     s3_region: str = Field("us-east-1", description="S3 region.")
     aws_access_key_id: str = Field("", description="Access key id (set with EnvVar; empty: the default credential chain).")
