@@ -430,7 +430,7 @@ def find_backup(store: BackupStore, scope: str, backup_id: str = "") -> dict:
 
 
 def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict, url: str, target_db: str, *,
-                 jobs: int = 2, log: LogFn, redactor: Redactor | None = None) -> dict:
+                 jobs: int = 3, log: LogFn, redactor: Redactor | None = None) -> dict:
     """Create `target_db` (must not exist) and restore the backup into it with parallel pg_restore."""
     redact = redactor or Redactor()
     info = ConnInfo.parse(url)
