@@ -153,3 +153,20 @@ def test_unhealthy_new_version_fails_while_old_keeps_serving(node_app, app_varia
     hist = history.load(instance, env)
     assert hist.events[0].event == history.RELEASE_FAILED and hist.events[0].version == "v2"
     assert "v2" in hist.bad_versions and hist.serving_version == "v1"
+
+
+def test_public_port_taken_by_another_process_fails_before_starting_anything(node_app, release_env):
+    import socket
+
+    env, job, store, instance = release_env
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", 0))
+    squatter.listen()
+    port = squatter.getsockname()[1]
+    try:
+        r = job.execute_in_process(run_config=release_run_config(node_app, env, version="v1", port=port, fast=True),
+                                   instance=instance, raise_on_error=False)
+    finally:
+        squatter.close()
+    step, message = failure_of(r)
+    assert step == "rolling_deploy" and f"target.port: 127.0.0.1:{port} is already in use" in message

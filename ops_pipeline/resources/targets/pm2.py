@@ -318,6 +318,10 @@ class Pm2Target(DeployTarget):
         deploy_id = uuid.uuid4().hex[:12]
         old = [i for i in self.serving()]
         previous = self.current_version()
+        if not old and _port_in_use(self.spec.target.host, self.spec.target.port):
+            raise RolloutError(f"target.port: {self.spec.target.host}:{self.spec.target.port} is already in use by a process "
+                               f"that is not part of environment '{self.spec.environment}'; nothing was started",
+                               RolloutReport(version, []))
         report = RolloutReport(version=version, previous_versions=sorted({i.version for i in old}))
         started = time.monotonic()
         log(f"rolling out {version} to {self.spec.target.instances} instance(s) on PM2 "
@@ -422,3 +426,11 @@ class Pm2Target(DeployTarget):
         """Stop this environment's PM2 daemon and every instance (tests, teardown)."""
         if self.home.exists():
             self.pm2("kill", check=False, timeout_s=60)
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((host, port)) == 0
