@@ -16,7 +16,7 @@ What it does, in one run:
        our restore   `restore_into(...)` into a fresh database        (decompress, pg_restore -j2, ANALYZE)
      and checks every restored database against the source (row counts, index and FK counts);
   4. prints the table, the ratios and the targets (backup >= 3x faster at no larger size, restore >= 1.5x);
-  5. with --explore, measures alternatives for our side (zstd level/threads/min_match, read chunk,
+  5. with --explore, measures alternatives for our side (BackupStore compression and threads, read chunk,
      pg_dump -Fd -j2 + tar, pg_restore jobs, maintenance_work_mem, parallel index workers,
      --single-transaction, streamed restore, ANALYZE variants) and reports the fastest ones;
   6. stops the stack and removes its temp dir (unless --keep).
@@ -558,13 +558,13 @@ def seed_restore(bench: Bench, gz_path: Path, m: Measure) -> None:
     m.add(seconds, cpu, load)
 
 
-def our_backup(bench: Bench, m: Measure, *, keep: bool = False, **kwargs) -> dict:
-    """take_backup(...) into the local store: dump + zstd + sha256, then read back and pg_restore-verify."""
-    kwargs.setdefault("level", bench.store.zstd_level)  # what the product ships (BackupStore defaults)
-    kwargs.setdefault("threads", bench.store.zstd_threads)
+def our_backup(bench: Bench, m: Measure, *, keep: bool = False, store: BackupStore | None = None) -> dict:
+    """take_backup(...) into the local store: dump + zstd + sha256, then read back and pg_restore-verify.
+    `store` defaults to the BackupStore defaults, i.e. what the product ships."""
+    store = store or bench.store
     start = bench.timed_start()
-    manifest = backups.take_backup(bench.postgres, bench.store, bench.db_url(SOURCE_DB), trigger="manual",
-                                   environment=ENVIRONMENT, log=lambda _msg: None, **kwargs)
+    manifest = backups.take_backup(bench.postgres, store, bench.db_url(SOURCE_DB), trigger="manual",
+                                   environment=ENVIRONMENT, log=lambda _msg: None)
     seconds, cpu, load = bench.timed_end(start)
     verify_s = manifest["verification"].get("seconds", 0.0)
     m.add(seconds, cpu, load, **{"dump + zstd + sha256": manifest["dump_s"], "verify (read back, pg_restore)": verify_s})
@@ -589,7 +589,7 @@ def our_restore(bench: Bench, manifest: dict, m: Measure, jobs: int = 3) -> None
 
 def compare(bench: Bench, runs: int) -> dict[str, Measure]:
     seed_b = Measure("seed backup: pg_dump > backup.sql; gzip backup.sql")
-    ours_b = Measure(f"ours: take_backup (zstd-{bench.store.zstd_level}, {bench.store.zstd_threads} threads, verified)")
+    ours_b = Measure(f"ours: take_backup ({bench.store.compression}, {bench.store.zstd_threads} threads, verified)")
     seed_r = Measure("seed restore: gunzip -c | psql -v ON_ERROR_STOP=1")
     ours_r = Measure("ours: restore_into (pg_restore -j3, ANALYZE)")
     gz_path, manifest = None, None
@@ -682,31 +682,6 @@ def chunk_size(size: int) -> Iterator[None]:
         yield
     finally:
         backups.CHUNK = old
-
-
-class _ZstdWithParams:
-    """Stands in for the `zstandard` module inside ops_pipeline.backups so that take_backup's
-    `ZstdCompressor(level=..., threads=...)` gets extra compression parameters (e.g. min_match)."""
-
-    def __init__(self, **overrides: int) -> None:
-        self._overrides = overrides
-
-    def __getattr__(self, name: str):
-        return getattr(zstandard, name)
-
-    def ZstdCompressor(self, level: int = 3, threads: int = 0):  # noqa: N802 (mirrors the module's name)
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, **self._overrides)
-        return zstandard.ZstdCompressor(compression_params=params)
-
-
-@contextlib.contextmanager
-def zstd_params(**overrides: int) -> Iterator[None]:
-    old = backups.zstandard
-    backups.zstandard = _ZstdWithParams(**overrides) if overrides else old
-    try:
-        yield
-    finally:
-        backups.zstandard = old
 
 
 def compressor(level: int, threads: int, params: dict | None):
@@ -880,10 +855,12 @@ def run_variants(variants: list[Variant], runs: int) -> list[Measure]:
 def explore_backup(bench: Bench, runs: int) -> tuple[list[Measure], dict[str, Path]]:
     """take_backup itself with other zstd levels/threads/parameters/chunk sizes, and a -Fd -j2 alternative."""
 
-    def tb(level: int = 3, threads: int = 0, chunk: int = 1 << 20, **params: int) -> Callable[[Measure], object]:
+    def tb(compression: str = "zstd-dump", threads: int = 2, chunk: int = 1 << 20) -> Callable[[Measure], object]:
+        store = BackupStore(local_dir=bench.store.local_dir, compression=compression, zstd_threads=threads)
+
         def go(m: Measure) -> None:
-            with chunk_size(chunk), zstd_params(**params):
-                our_backup(bench, m, level=level, threads=threads)
+            with chunk_size(chunk):
+                our_backup(bench, m, store=store)
         return go
 
     fd_files: dict[str, Path] = {}  # variant name -> its newest archive (kept for the restore exploration)
@@ -893,13 +870,13 @@ def explore_backup(bench: Bench, runs: int) -> tuple[list[Measure], dict[str, Pa
         fd_files[name] = keep_as
         return Variant(name, lambda m: fd_tar_backup(bench, m, **kw).replace(keep_as))
 
-    variants = [Variant("take_backup: zstd-3, threads=0, 1 MiB chunks", tb())]
-    for level, threads in ((1, 0), (2, 0), (3, 1), (3, 2), (1, 2), (6, 2)):
-        variants.append(Variant(f"take_backup: zstd-{level}, threads={threads}", tb(level, threads)))
+    variants = [Variant("take_backup: zstd-dump, threads=2, 1 MiB chunks (shipped)", tb())]
+    for compression, threads in (("zstd-dump", 0), ("zstd-1", 0), ("zstd-3", 0), ("zstd-3", 2), ("zstd-5", 2),
+                                 ("zstd-6", 2), ("zstd-7", 2)):
+        variants.append(Variant(f"take_backup: {compression}, threads={threads}", tb(compression, threads)))
     variants += [
-        Variant("take_backup: zstd-3, threads=0, 128 KiB chunks", tb(chunk=128 << 10)),
-        Variant("take_backup: zstd-3, threads=0, 4 MiB chunks", tb(chunk=4 << 20)),
-        Variant("take_backup: zstd-3 min_match=6, threads=0", tb(3, 0, min_match=6)),
+        Variant("take_backup: zstd-dump, threads=2, 128 KiB chunks", tb(chunk=128 << 10)),
+        Variant("take_backup: zstd-dump, threads=2, 4 MiB chunks", tb(chunk=4 << 20)),
         fd("-Fd -j2 -Z0 | tar | zstd-3, threads=0", level=3, threads=0),
         fd("-Fd -j2 -Z0 | tar | zstd-3 min_match=6, threads=0", level=3, threads=0, params={"min_match": 6}),
         fd("-Fd -j2 -Z0 | tar | zstd-1, threads=2", level=1, threads=2),

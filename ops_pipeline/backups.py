@@ -106,8 +106,6 @@ def take_backup(
     environment: str,
     release_version: str = "",
     migrations_table: str = "pgmigrations",
-    level: int = 6,
-    threads: int = 2,
     verify: bool = True,
 ) -> dict:
     """Dump `url`'s database into the store and verify it. Returns the manifest (written last)."""
@@ -156,8 +154,7 @@ def take_backup(
         raw_bytes = 0
         head = b""
         try:
-            cctx = zstandard.ZstdCompressor(level=level, threads=threads)
-            comp = cctx.compressobj(size=-1)
+            comp = store.compressor().compressobj(size=-1)
             assert proc.stdout is not None
             while data := proc.stdout.read(CHUNK):
                 if len(head) < 5:
@@ -214,7 +211,7 @@ def take_backup(
         "server_version_num": versions["server_version_num"],
         "pg_dump_version_num": versions["pg_dump_version_num"],
         "format": "custom",
-        "compression": f"zstd-{level}",
+        "compression": store.compression,
         "file": DUMP_NAME,
         "dump_bytes": raw_bytes,
         "stored_bytes": stored,

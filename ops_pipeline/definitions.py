@@ -51,7 +51,7 @@ def build_resources() -> dict:
             aws_access_key_id=_env_secret("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=_env_secret("AWS_SECRET_ACCESS_KEY"),
             s3_max_attempts=int(os.environ.get("OPS_S3_MAX_ATTEMPTS", "3")),
-            zstd_level=int(os.environ.get("OPS_BACKUP_ZSTD_LEVEL", "6")),
+            compression=os.environ.get("OPS_BACKUP_COMPRESSION", "zstd-dump"),
             zstd_threads=int(os.environ.get("OPS_BACKUP_ZSTD_THREADS", "2")),
         ),
         "deploy_targets": DeployTargets(

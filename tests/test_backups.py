@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from ops_pipeline import backups
-from ops_pipeline.resources.backup_store import BackupStore
+from ops_pipeline.resources.backup_store import BackupStore, StoreError
 from ops_pipeline.resources.postgres import ConnInfo, PostgresResource
 from tests.conftest import make_defs
 
@@ -114,6 +114,28 @@ def test_pg_dump_older_than_server_fails_fast(scratch_db, store, tmp_path):
     with pytest.raises(backups.BackupError) as err:
         backups.take_backup(pg, store, scratch_db, trigger="manual", environment="test", log=print)
     assert "older than the server" in str(err.value)
+    assert files_in(store) == []
+
+
+@pytest.mark.parametrize("compression,threads", [("zstd-dump", 2), ("zstd-1", 0), ("zstd-19", 1)])
+def test_every_compression_setting_restores_the_same_rows(scratch_db, tmp_path, compression, threads):
+    store = BackupStore(local_dir=str(tmp_path / compression), compression=compression, zstd_threads=threads)
+    m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
+    assert m["compression"] == compression and m["verified"]
+    target = f"c_{time.time_ns() % 10**8}"
+    backups.restore_into(PG, store, m, scratch_db, target, log=print)
+    try:
+        assert PG.table_row_counts(scratch_db, target) == m["table_counts"]
+    finally:
+        backups.drop_database(PG, scratch_db, target)
+
+
+@pytest.mark.parametrize("compression,threads,named", [("gzip", 2, "compression"), ("zstd-0", 2, "compression"),
+                                                       ("zstd-20", 2, "compression"), ("zstd-dump", -1, "zstd_threads")])
+def test_bad_compression_setting_fails_before_anything_is_dumped(scratch_db, tmp_path, compression, threads, named):
+    store = BackupStore(local_dir=str(tmp_path / "store"), compression=compression, zstd_threads=threads)
+    with pytest.raises(StoreError, match=named):
+        backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
     assert files_in(store) == []
 
 

@@ -111,7 +111,6 @@ def backup_database(
         manifest = backups.take_backup(
             postgres, backup_store, url, trigger=trigger, environment=spec.environment, log=context.log.info,
             redactor=env.redactor, release_version=spec.version, migrations_table=spec.app.migrations_table,
-            level=backup_store.zstd_level, threads=backup_store.zstd_threads,
         )
     except backups.BackupError as exc:
         raise dg.Failure(description=f"backup failed, nothing was registered: {env.redactor(str(exc))}",
