@@ -4,12 +4,21 @@ Half the workers keep one connection alive across requests (like a browser or a 
 fresh connection per request (like a new client). Every request is counted: 2xx, non-2xx, or a connection
 error (refused, reset, timeout, read error). It runs in its own process so the measured side's CPU use does
 not throttle it unevenly.
+
+Before reusing an idle keep-alive connection a worker checks whether the server has closed it (readable at
+EOF), as urllib3 and browsers do, and opens a new one if so.
+A connection error on a *reused* keep-alive connection that the server closed before any byte of the answer
+(the race of a server closing an idle connection as the client sends on it) still counts as an error, and is
+also counted as `stale_keepalive`. Like browsers and Go's HTTP client (RFC 9112 9.3.1: an idempotent request
+may be resent), the worker then resends the GET once on a fresh connection; `resent_ok` counts those that
+succeeded. So the report can say both: what a client that never resends sees, and what a browser sees.
 """
 
 from __future__ import annotations
 
 import http.client
 import multiprocessing as mp
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -21,6 +30,8 @@ class LoadResult:
     ok: int = 0
     non_2xx: int = 0
     errors: int = 0
+    stale_keepalive: int = 0
+    resent_ok: int = 0
     seconds: float = 0.0
     versions: dict = field(default_factory=dict)
     samples: list = field(default_factory=list)  # first few failures, for the report
@@ -43,7 +54,12 @@ def _worker(host: str, port: int, path: str, keepalive: bool, interval: float, s
         if now < next_at:
             time.sleep(next_at - now)
         next_at += interval
-        status, version, error = None, None, None
+        status, version, error, stale = None, None, None, False
+        if conn is not None and conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+            # readable while idle: the server closed it (EOF). Reconnect, as urllib3 and browsers check before reuse.
+            conn.close()
+            conn = None
+        reused = conn is not None
         try:
             if conn is None:
                 conn = http.client.HTTPConnection(host, port, timeout=5)
@@ -58,11 +74,15 @@ def _worker(host: str, port: int, path: str, keepalive: bool, interval: float, s
             del body
         except (OSError, http.client.HTTPException) as exc:
             error = f"{type(exc).__name__}: {exc}"[:120]
+            stale = reused and isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError))
             if conn is not None:
                 conn.close()
             conn = None
+        resent_ok = stale and _resend(host, port, path)
         with lock:
             out["requests"] += 1
+            out["stale_keepalive"] += stale
+            out["resent_ok"] += resent_ok
             if error:
                 out["errors"] += 1
                 if len(out["samples"]) < 10:
@@ -77,10 +97,22 @@ def _worker(host: str, port: int, path: str, keepalive: bool, interval: float, s
                 out["versions"][version] = out["versions"].get(version, 0) + 1
 
 
+def _resend(host: str, port: int, path: str) -> bool:
+    try:
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        conn.request("GET", path, headers={"Connection": "close"})
+        ok = 200 <= conn.getresponse().status < 300
+        conn.close()
+        return ok
+    except (OSError, http.client.HTTPException):
+        return False
+
+
 def _run(host: str, port: int, path: str, workers: int, rate: float, stop_evt, queue) -> None:
     stop = threading.Event()
     lock = threading.Lock()
-    out = {"requests": 0, "ok": 0, "non_2xx": 0, "errors": 0, "versions": {}, "samples": []}
+    out = {"requests": 0, "ok": 0, "non_2xx": 0, "errors": 0, "stale_keepalive": 0, "resent_ok": 0, "versions": {},
+           "samples": []}
     interval = workers / rate
     threads = [threading.Thread(target=_worker, args=(host, port, path, i % 2 == 0, interval, stop, out, lock), daemon=True)
                for i in range(workers)]

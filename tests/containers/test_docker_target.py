@@ -209,6 +209,9 @@ def test_release_then_rollback_with_three_replicas_under_load(container_engine, 
     assert {c["image"] for c in v2} == {art2.image_id}
     order = step_metadata(r2, "rolling_deploy")["order"]
     assert [s.split()[0] for s in order] == ["started", "healthy", "removed"] * 3, order
+    # one graceful reload per replica: the new container joins the upstream as an old one leaves it
+    reloads = [e.user_message for e in d.instance.all_logs(r2.run_id) if "nginx reloaded" in (e.user_message or "")]
+    assert len(reloads) == 3, reloads
     assert public_versions(d.port) == {"v2"}
     t2 = time.monotonic()
 
@@ -285,6 +288,17 @@ def test_loopback_urls_are_rewritten_to_the_network_gateway():
     assert env["UPSTREAM"] == "http://10.89.3.1:80/api"
     assert endpoints == [("127.0.0.1", 5433), ("127.0.0.1", 6380), ("127.0.0.1", 80)]
     assert names == ["DATABASE_URL", "REDIS_URL", "UPSTREAM"]
+
+
+def test_nginx_keeps_idle_keepalive_connections_through_reloads_where_it_can(tmp_path):
+    """keepalive_min_timeout exists from nginx 1.27.4 on; older versions (Debian 12: 1.22) reject it."""
+    from ops_pipeline.resources.targets.docker import HostNginx
+
+    lb = HostNginx(tmp_path, "127.0.0.1", 8080, 30, "test")
+    assert lb.version >= (1, 18)  # read from the real `nginx -v`
+    for version, expected in (((1, 22, 1), False), ((1, 27, 3), False), ((1, 27, 4), True), ((1, 29, 0), True)):
+        lb._version = version
+        assert ("keepalive_min_timeout 1s;" in lb.render([(1234, "app-0 v1")])) is expected, version
 
 
 def test_build_step_lines_of_podman_and_docker_are_recognised():
