@@ -159,19 +159,25 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
 
 @dg.run_failure_sensor(
     name="rollback_on_release_failure",
-    monitored_jobs=[release],
+    # All code locations, then only runs of the release job (below): a release started with `dagster job execute`
+    # belongs to the location the CLI names after the module, not to this workspace's `ops_pipeline`, and
+    # `monitored_jobs` would never see it fail.
+    monitor_all_code_locations=True,
     request_job=rollback,
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "When a release fails at or after the deploy started (rolling_deploy or health_gate), requests a rollback of "
         "that environment (one per failed run). A release that failed before anything was deployed requests nothing. "
-        "It monitors only the release job, so a failing rollback never requests another rollback."
+        "It acts only on the release job (however it was launched: UI, `dagster job launch`, `dagster job execute`), "
+        "so a failing rollback never requests another rollback."
     ),
 )
 def rollback_on_release_failure(context: dg.RunFailureSensorContext):
-    failed_steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
     run = context.dagster_run
+    if run.job_name != release.name:
+        return dg.SkipReason(f"{run.job_name} run {run.run_id[:8]} failed: only failed releases request a rollback")
+    failed_steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
     if not set(failed_steps) & DEPLOY_STEPS:
         return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps) or 'start'}, before anything "
                              "was deployed: nothing to roll back")

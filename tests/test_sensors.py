@@ -153,7 +153,7 @@ def test_history_marks_failed_and_rolled_back_versions_bad(instance, service):
 
 # ---- release-failure sensor ------------------------------------------------------------------------
 
-def stand_in_release(failing_step: str) -> dg.JobDefinition:
+def stand_in_release(failing_step: str, job_name: str = "release") -> dg.JobDefinition:
     """A job shaped like `release` whose `failing_step` fails (the daemon test runs the real one)."""
     names = ["verify_env", "run_tests", "build_image", "backup_database", "migrate_database", "rolling_deploy", "health_gate"]
 
@@ -166,7 +166,7 @@ def stand_in_release(failing_step: str) -> dg.JobDefinition:
                 context.instance.add_run_tags(context.run_id, {"ops/environment": "prod", "ops/version": "v9"})
         return _op
 
-    @dg.job(name="release")
+    @dg.job(name=job_name)
     def release():
         prev = None
         for n in names:
@@ -193,10 +193,17 @@ def test_release_failure_sensor_rolls_back_only_after_deploy_started(instance, s
         assert isinstance(out, dg.SkipReason) and "before anything was deployed" in out.skip_message
 
 
-def test_release_failure_sensor_monitors_only_the_release_job():
-    from ops_pipeline.jobs import release
-
+def test_release_failure_sensor_acts_only_on_the_release_job(instance):
+    """It watches every code location (a `dagster job execute` release has its own), so the job name decides:
+    a rollback (or any other job) failing at the same step requests nothing."""
     from ops_pipeline.jobs import rollback
 
-    assert [j.name for j in rollback_on_release_failure._monitored_jobs] == [release.name]  # noqa: SLF001
     assert rollback_on_release_failure.job.name == rollback.name
+    for job_name in ("rollback", "backup"):
+        result = stand_in_release("rolling_deploy", job_name=job_name).execute_in_process(instance=instance,
+                                                                                          raise_on_error=False)
+        ctx = dg.build_run_status_sensor_context(sensor_name="rollback_on_release_failure", dagster_instance=instance,
+                                                 dagster_run=result.dagster_run,
+                                                 dagster_event=result.get_run_failure_event()).for_run_failure()
+        out = rollback_on_release_failure(ctx)
+        assert isinstance(out, dg.SkipReason) and "only failed releases" in out.skip_message, out

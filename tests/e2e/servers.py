@@ -118,6 +118,16 @@ class DagsterServers:
             argv += ["--tags", json.dumps(tags)]
         return subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=120)
 
+    def execute_cli(self, job: str, config_file: Path, tags: dict | None = None) -> subprocess.CompletedProcess:
+        """`dagster job execute`: the run executes in this CLI process (no queue, no run launcher), on the same
+        instance as the daemon."""
+        import json
+
+        argv = [str(BIN / "dagster"), "job", "execute", "-m", "ops_pipeline.definitions", "-j", job, "-c", str(config_file)]
+        if tags:
+            argv += ["--tags", json.dumps(tags)]
+        return subprocess.run(argv, cwd=ROOT, env=self.env, capture_output=True, text=True, timeout=300)
+
     def wait_run(self, run_id: str, timeout_s: float = 300) -> dg.DagsterRun:
         deadline = time.monotonic() + timeout_s
         with self.instance() as inst:

@@ -1,5 +1,6 @@
 """Automatic rollback with a real dagster-daemon (sensors, run queue) and a real app under PM2."""
 
+import json
 import time
 
 import httpx
@@ -82,13 +83,23 @@ def test_health_watch_rolls_back_a_release_that_turns_unhealthy(dagster_stack, r
     print(f"first failing probe -> v1 serving: {recovered_s:.1f} s")
 
 
-def test_failed_health_gate_triggers_the_release_failure_rollback(dagster_stack, released_v1, app_variant):
+@pytest.mark.parametrize("launched_with", ["ui", "dagster job execute"])
+def test_failed_health_gate_triggers_the_release_failure_rollback(dagster_stack, released_v1, app_variant, launched_with,
+                                                                  tmp_path):
     env, port = released_v1
     # Each new instance passes its own readiness check in its first second, then the whole version turns 503
     # after 4 s of uptime: 8 consecutive healthy answers 1 s apart can never be reached.
     v2 = app_variant("v2-gate", app_variants.health_503_after_uptime(4))
-    run = dagster_stack.wait_run(release(dagster_stack, v2, env, "v2", port,
-                                         gate={"deadline_s": 12, "interval_s": 1, "required_successes": 8}))
+    gate = {"deadline_s": 12, "interval_s": 1, "required_successes": 8}
+    if launched_with == "ui":
+        run = dagster_stack.wait_run(release(dagster_stack, v2, env, "v2", port, gate=gate))
+    else:  # executes in the CLI process, in a code location of its own: the sensor must still see it fail
+        config = tmp_path / "release.yaml"
+        config.write_text(json.dumps(release_run_config(v2, env, version="v2", port=port, fast=True, gate=gate)))
+        cli = dagster_stack.execute_cli("release", config, tags={"ops/environment": env})
+        assert cli.returncode != 0, cli.stdout[-2000:]
+        run = dagster_stack.runs("release", tags={"ops/environment": env})[0]  # newest first
+        assert run.tags.get("dagster/sensor_name") is None and run.is_finished
     assert run.status.value == "FAILURE"
     rb = wait_for(lambda: [r for r in rollbacks(dagster_stack, env) if r.is_finished], 90, "a finished rollback")
     assert rb[0].status.value == "SUCCESS", dagster_stack.log_tail("daemon")
