@@ -486,7 +486,8 @@ def amcheck(postgres: PostgresResource, url: str, database: str, log: LogFn) -> 
             conn.execute("CREATE EXTENSION IF NOT EXISTS amcheck")
     except (DatabaseError, psycopg.Error) as exc:
         return {"ran": False, "reason": f"amcheck extension unavailable: {str(exc).splitlines()[0][:200]}"}
-    proc = subprocess.run([postgres.binary("pg_amcheck"), "--heapallindexed", "--no-password", "--dbname", database],
+    # The database comes from PGDATABASE (tool_env): pg_amcheck's --database takes a pattern, not a name.
+    proc = subprocess.run([postgres.binary("pg_amcheck"), "--heapallindexed", "--no-password"],
                           env=postgres.tool_env(url, database), capture_output=True, text=True)
     out = (proc.stdout + proc.stderr).strip()
     result = {"ran": True, "ok": proc.returncode == 0, "seconds": round(time.monotonic() - t0, 3), "output": out[-1000:]}
