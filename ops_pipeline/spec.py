@@ -121,6 +121,9 @@ class DockerTargetConfig(dg.Config):
     drain_s: float = Field(30.0, description="Longest time an old container is given to finish its requests.")
     nginx_conf_dir: str = Field("", description="Where the generated nginx config lives (default: <state>/envs/<env>/nginx).")
     env_file_vars: list[str] = Field([], description="Extra variables passed to the containers.")
+    secret_files: bool = Field(True, description="Give the containers app.secret_env as read-only files "
+                               "(NAME_FILE=/run/secrets/ops/NAME, the Docker secrets convention), not as environment "
+                               "variables that `docker inspect` shows; false for an app that does not read NAME_FILE.")
 
 
 class KubernetesTargetConfig(dg.Config):

@@ -67,6 +67,36 @@ def spec_for(app_dir, env: str, version: str) -> ReleaseSpec:
     return ReleaseSpec(config=cfg, version=version, app_dir=str(app_dir), commit="", dirty=False)
 
 
+def assert_secrets_are_files_not_environment(client, d) -> None:
+    """`docker inspect` shows no secret: each running container reads DATABASE_URL, REDIS_URL and JWT_SECRET from
+    files (0400, owned by the image's user `node`, mounted read-only), one folder per container and no other."""
+    import os
+    import stat
+
+    target = d.target()
+    try:
+        root = target.secrets_root
+    finally:
+        target.close()
+    running = client.containers.list(filters={"label": f"ops.environment={d.env}"})
+    assert sorted(p.name for p in root.iterdir()) == sorted(c.name for c in running)
+    for c in running:
+        env = dict(e.split("=", 1) for e in c.attrs["Config"]["Env"])
+        assert {"DATABASE_URL", "REDIS_URL", "JWT_SECRET"}.isdisjoint(env), sorted(env)
+        secrets = {}
+        for name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET"):
+            assert env[f"{name}_FILE"] == f"/run/secrets/ops/{name}"
+            path = root / c.name / name
+            st = os.stat(path)
+            assert stat.S_IMODE(st.st_mode) == 0o400 and (st.st_uid, st.st_gid) == (1000, 1000), (path, st)
+            secrets[name] = path.read_text()
+        assert secrets["DATABASE_URL"].startswith("postgresql://") and len(secrets["JWT_SECRET"]) >= 32
+        inspected = str(c.attrs)
+        assert not [n for n, v in secrets.items() if v in inspected or v.split("@")[0] in inspected]
+        mounts = [(m.get("Destination"), m.get("RW")) for m in c.attrs.get("Mounts", [])]
+        assert ("/run/secrets/ops", False) in mounts, mounts
+
+
 def test_image_build_push_and_pull_by_digest(container_engine, container_variant, services):
     client = container_engine.client
     engine = DockerEngine(base_url=container_engine.docker_host)
@@ -186,6 +216,7 @@ def test_release_then_rollback_with_three_replicas_under_load(container_engine, 
     v1 = engine_replicas(client, d.env)
     assert [(c["version"], c["status"], c["health"]) for c in v1] == [("v1", "running", "healthy")] * 3
     assert {c["image"] for c in v1} == {art1.image_id}
+    assert_secrets_are_files_not_environment(client, d)
     t1 = time.monotonic()
 
     # v2 is another build (its Dockerfile gained a label): a different image, rolled out while requests keep coming
@@ -227,6 +258,7 @@ def test_release_then_rollback_with_three_replicas_under_load(container_engine, 
     assert [(c["version"], c["status"], c["health"]) for c in back] == [("v1", "running", "healthy")] * 3
     assert {c["image"] for c in back} == {art1.image_id}  # the very image v1 was released with (by digest)
     assert public_versions(d.port) == {"v1"}
+    assert_secrets_are_files_not_environment(client, d)
     target = d.target()
     try:
         assert target.serving_versions() == {"v1"}

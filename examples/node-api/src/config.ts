@@ -6,6 +6,13 @@ import { LOG_LEVELS, type LogLevel } from './logger';
 /** Variables that must be present (and non-empty) for the process to start. */
 export const REQUIRED_ENV_VARS = ['DATABASE_URL', 'REDIS_URL', 'JWT_SECRET', 'NODE_ENV'] as const;
 
+/**
+ * Secrets that may instead be given as a file: NAME_FILE=/path (the Docker secrets convention, as in the
+ * official postgres image). The file's content, without its trailing newline, is the value, so the secret
+ * need not sit in the process environment (or in `docker inspect`). NAME itself wins when both are set.
+ */
+export const FILE_VARS = ['DATABASE_URL', 'REDIS_URL', 'JWT_SECRET'] as const;
+
 export const NODE_ENVS = ['development', 'production', 'test'] as const;
 export type NodeEnv = (typeof NODE_ENVS)[number];
 
@@ -97,9 +104,21 @@ export function packageVersion(startDir: string = __dirname): string {
  * throws a single ConfigError naming every missing / invalid variable.
  * Never opens a connection.
  */
-export function loadConfig(env: Env = process.env): Config {
-  const missing = REQUIRED_ENV_VARS.filter((name) => !isSet(env[name]));
+export function loadConfig(rawEnv: Env = process.env): Config {
   const invalid: string[] = [];
+  const env: Env = { ...rawEnv };
+  for (const name of FILE_VARS) {
+    const file = rawEnv[`${name}_FILE`];
+    if (isSet(env[name]) || !isSet(file)) continue;
+    try {
+      env[name] = readFileSync(file.trim(), 'utf8').replace(/\r?\n$/, '');
+    } catch (err) {
+      // The path is not secret; the content never appears in a message.
+      invalid.push(`${name}_FILE: cannot read ${JSON.stringify(file.trim())} (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+      env[name] = 'unreadable';
+    }
+  }
+  const missing = REQUIRED_ENV_VARS.filter((name) => !isSet(env[name]));
 
   const intVar = (name: string, fallback: number, min: number, max: number): number => {
     const raw = env[name];

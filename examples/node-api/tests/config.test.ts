@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { spawnSync } from 'node:child_process';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { describe, test } from 'node:test';
 
@@ -113,6 +114,28 @@ describe('config validation', () => {
   test('APP_VERSION defaults to the package.json version', () => {
     const pkg = JSON.parse(readFileSync(path.join(APP_ROOT, 'package.json'), 'utf8')) as { version: string };
     assert.equal(loadConfig(VALID).version, pkg.version);
+  });
+
+  test('secrets can come from NAME_FILE files; NAME wins; an unreadable file is named, its content never', () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'node-api-secrets-'));
+    writeFileSync(path.join(dir, 'db'), `${VALID.DATABASE_URL}\n`);
+    writeFileSync(path.join(dir, 'redis'), VALID.REDIS_URL);
+    writeFileSync(path.join(dir, 'jwt'), `${VALID.JWT_SECRET}\n`);
+    const files = {
+      DATABASE_URL_FILE: path.join(dir, 'db'),
+      REDIS_URL_FILE: path.join(dir, 'redis'),
+      JWT_SECRET_FILE: path.join(dir, 'jwt'),
+      NODE_ENV: 'production',
+    };
+    const cfg = loadConfig(files);
+    assert.equal(cfg.database.url, VALID.DATABASE_URL);
+    assert.equal(cfg.redis.url, VALID.REDIS_URL);
+    assert.equal(cfg.jwt.secret, VALID.JWT_SECRET);
+    assert.equal(loadConfig({ ...files, JWT_SECRET: 'x'.repeat(40) }).jwt.secret, 'x'.repeat(40));
+    const err = configError({ ...files, JWT_SECRET_FILE: path.join(dir, 'missing') });
+    assert.deepEqual(err.missing, []);
+    assert.match(err.message, /JWT_SECRET_FILE: cannot read ".*missing" \(ENOENT\)/);
+    assert.doesNotMatch(err.message, /db-pass-123|redis-pass-456/);
   });
 
   test('INSTANCE_PORT equal to PORT is ignored with a warning; short production secret warns', () => {

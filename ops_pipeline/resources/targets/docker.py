@@ -10,6 +10,11 @@ Everything goes through the Docker Engine API (DOCKER_HOST: Docker, or Podman's 
                  `upstream app_servers { least_conn; server 127.0.0.1:<published port>; ... }`,
                  `nginx -t` before every `nginx -s reload`, started by the first rollout
     host relays  see "Reaching services on the host's loopback" below
+    secrets      app.secret_env values are not container environment variables (which `docker inspect` shows to
+                 anyone with engine access): each is a file in <state>/envs/<env>/docker-secrets/<container>/,
+                 mode 0400, owned by the image's USER, bind-mounted read-only at /run/secrets/ops, and the app
+                 gets NAME_FILE=/run/secrets/ops/NAME (the Docker secrets convention). target.docker.secret_files
+                 false passes them as plain variables, for apps that do not read NAME_FILE.
 
 Rolling, one container at a time (a surge of one): start one new container, wait until it is healthy (its
 HEALTHCHECK state in the engine *and* our own HTTP probe answering 200 with the new version on its published
@@ -35,11 +40,13 @@ runs in the host's network namespace (see DockerEngine.run_once).
 from __future__ import annotations
 
 import inspect
+import io
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from pathlib import Path
@@ -66,6 +73,7 @@ LABEL_SLOT = "ops.slot"
 LABEL_DEPLOY = "ops.deploy-id"
 LABEL_PORT = "ops.host-port"
 LABEL_ARTIFACT = "ops.artifact"
+SECRETS_MOUNT = "/run/secrets/ops"  # where a container finds its secret files (NAME_FILE=/run/secrets/ops/NAME)
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
 DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "redis": 6379, "rediss": 6379, "mysql": 3306, "mongodb": 27017,
                  "amqp": 5672, "http": 80, "https": 443, "nats": 4222}
@@ -483,6 +491,7 @@ class DockerTarget(DeployTarget):
         nginx_dir = Path(cfg.nginx_conf_dir) if cfg.nginx_conf_dir else spec.env_dir() / "nginx"
         self.nginx = HostNginx(nginx_dir, spec.target.host, spec.target.port, cfg.drain_s, f"{self.app} in {self.env}")
         self.relays = HostRelays(paths.state_dir() / "docker" / "relays")
+        self.secrets_root = spec.env_dir() / "docker-secrets"
         self._client = None
         self._podman: bool | None = None
 
@@ -600,27 +609,80 @@ class DockerTarget(DeployTarget):
         return env
 
     # ---- containers -----------------------------------------------------------------------------
+    @staticmethod
+    def _user_ids(c) -> tuple[int, int]:
+        """uid and gid a (created) container runs as: its USER, resolved through its own /etc/passwd."""
+        user = (c.attrs.get("Config") or {}).get("User") or ""
+        name, _, group = user.partition(":")
+        if not name:
+            return 0, 0
+        if name.isdigit():
+            return int(name), int(group) if group.isdigit() else int(name)
+        bits, _ = c.get_archive("/etc/passwd")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(bits))) as tar:
+            member = tar.extractfile(tar.getmembers()[0])
+            passwd = member.read().decode(errors="replace") if member else ""
+        for line in passwd.splitlines():
+            fields = line.split(":")
+            if len(fields) > 3 and fields[0] == name:
+                return int(fields[2]), int(group) if group.isdigit() else int(fields[3])
+        raise RuntimeError(f"the image's USER {name!r} is not in its /etc/passwd")
+
+    def _write_secrets(self, c, folder: Path, secrets: dict[str, str]) -> None:
+        uid, gid = self._user_ids(c)
+        for name, value in secrets.items():
+            path = folder / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o400)
+            with os.fdopen(fd, "w") as f:
+                f.write(value)
+            os.chown(path, uid, gid)
+        os.chown(folder, uid, gid)
+        folder.chmod(0o500)
+
+    def _forget_secrets(self) -> None:
+        """Secret folders of containers the engine no longer has (removed, or never started) are deleted."""
+        if not self.secrets_root.is_dir():
+            return
+        names = {c.name for c in self._containers()}
+        for folder in self.secrets_root.iterdir():
+            if folder.name not in names:
+                shutil.rmtree(folder, ignore_errors=True)
+
     def _start(self, ref: str, slot: int, version: str, deploy_id: str, artifact: Artifact, env: dict[str, str]):
         import docker
 
+        secret_names = [n for n in self.spec.app.secret_env if n in env] if self.cfg.secret_files else []
+        secrets = {n: env[n] for n in secret_names}
+        environment = {k: v for k, v in env.items() if k not in secrets}
+        environment.update({f"{n}_FILE": f"{SECRETS_MOUNT}/{n}" for n in secrets})
         last_exc = None
         for _ in range(3):
             port = free_port()
             name = f"{self.app}-{self.env}-{slot}-{deploy_id[:8]}"
             labels = {LABEL_APP: self.app, LABEL_ENV: self.env, LABEL_VERSION: version, LABEL_SLOT: str(slot),
                       LABEL_DEPLOY: deploy_id, LABEL_PORT: str(port), LABEL_ARTIFACT: artifact.id}
+            folder = self.secrets_root / name
+            volumes = {}
+            if secrets:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder.mkdir(parents=True, mode=0o700)
+                volumes = {str(folder): {"bind": SECRETS_MOUNT, "mode": "ro"}}
             try:
-                c = self.client.containers.run(
-                    ref, name=name, detach=True, labels=labels, environment=env, network=self.network_name,
-                    ports={f"{self.cfg.container_port}/tcp": ("127.0.0.1", port)},
+                c = self.client.containers.create(
+                    ref, name=name, detach=True, labels=labels, environment=environment, network=self.network_name,
+                    ports={f"{self.cfg.container_port}/tcp": ("127.0.0.1", port)}, volumes=volumes,
                     restart_policy={"Name": "on-failure", "MaximumRetryCount": 3})
+                if secrets:
+                    self._write_secrets(c, folder, secrets)
+                c.start()
                 return c, port
-            except docker.errors.APIError as exc:
+            except (docker.errors.APIError, OSError, RuntimeError) as exc:
                 last_exc = exc
                 try:
                     self.client.containers.get(name).remove(force=True)
                 except docker.errors.DockerException:
                     pass
+                shutil.rmtree(folder, ignore_errors=True)
                 if "address already in use" not in str(exc).lower() and "port is already allocated" not in str(exc).lower():
                     break
         raise RuntimeError(self.redactor(f"could not start a container of {ref}: {last_exc}"))
@@ -736,6 +798,7 @@ class DockerTarget(DeployTarget):
                     c.remove(force=True)
                 except docker.errors.DockerException as exc:
                     log(f"could not remove {c.name}: {self.redactor(str(exc))}")
+        self._forget_secrets()
         old.sort(key=lambda c: (c.labels.get(LABEL_SLOT, ""), c.attrs.get("Created", "")))
         report = RolloutReport(version=version, previous_versions=sorted({c.labels.get(LABEL_VERSION, "?") for c in old}))
         started = time.monotonic()
@@ -788,12 +851,14 @@ class DockerTarget(DeployTarget):
                     pass
             report.add("aborted", pending.name if pending is not None else "-", version, started, self.redactor(str(exc))[:300])
             report.finished_at = time.time()
+            self._forget_secrets()
             serving = [i for i in self.serving() if i.status in IN_SERVICE]
             raise RolloutError(self.redactor(f"rollout of {version} stopped: {type(exc).__name__}: {exc}; "
                                              f"{len(serving)} container(s) serving {', '.join(sorted({i.version for i in serving})) or 'nothing'}"),
                                report, serving) from None
         report.instances = [c.name for c in new]
         report.finished_at = time.time()
+        self._forget_secrets()
         return report
 
     def _fail(self, c, detail: str, new: list, members: dict, report: RolloutReport, started: float, version: str,
@@ -813,6 +878,7 @@ class DockerTarget(DeployTarget):
             self._retire(other, members, log)
             report.add("removed", other.name, version, started, "new container withdrawn")
         report.finished_at = time.time()
+        self._forget_secrets()
         serving = [i for i in self.serving() if i.status in IN_SERVICE]
         raise RolloutError(
             self.redactor(
@@ -873,6 +939,7 @@ class DockerTarget(DeployTarget):
                 done.append(c.name)
             except docker.errors.DockerException:
                 pass
+        shutil.rmtree(self.secrets_root, ignore_errors=True)
         if self.nginx.stop():
             done.append("nginx")
         try:
