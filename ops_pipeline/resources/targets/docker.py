@@ -641,14 +641,12 @@ class DockerTarget(DeployTarget):
 
     def _forget_secrets(self) -> None:
         """Secret folders of containers the engine no longer has (removed, or never started) are deleted."""
-        import docker
-
         if not self.secrets_root.is_dir():
             return
         try:
             names = {c.name for c in self._containers()}
-        except docker.errors.DockerException:
-            return  # the engine does not answer: keep everything, the next rollout cleans up
+        except Exception:  # noqa: BLE001 - engine unreachable (requests errors too): keep all, the next rollout cleans up
+            return
         for folder in self.secrets_root.iterdir():
             if folder.name not in names:
                 shutil.rmtree(folder, ignore_errors=True)
