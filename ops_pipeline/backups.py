@@ -126,6 +126,8 @@ def take_backup(
     snap_conn = postgres.connect(url, autocommit=False, application_name=f"ops-pipeline backup {backup_id}")
     counts: dict[str, int] = {}
     count_error: list[str] = []
+    stop_counting = threading.Event()
+    counter: threading.Thread | None = None
     try:
         snap_conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = snap_conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
@@ -137,6 +139,8 @@ def take_backup(
         def count_rows() -> None:
             try:
                 for t in tables:
+                    if stop_counting.is_set():
+                        return
                     counts[t] = snap_conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             except psycopg.Error as exc:
                 count_error.append(str(exc).splitlines()[0])
@@ -184,6 +188,15 @@ def take_backup(
         if count_error:
             raise BackupError(f"row counts failed: {redact(count_error[0])}")
     finally:
+        # The counting thread uses snap_conn: closing a connection another thread is executing on crashes libpq
+        # (seen as "Fatal Python error: Aborted" when the store failed mid-dump). Stop it, cancel its query, wait.
+        if counter is not None and counter.is_alive():
+            stop_counting.set()
+            try:
+                snap_conn.cancel_safe(timeout=5)
+            except Exception:  # noqa: BLE001 - best effort: the join below still waits for the query to end
+                pass
+            counter.join()
         snap_conn.close()
     dump_s = time.monotonic() - t0
     digest = sha.hexdigest()
