@@ -148,16 +148,18 @@ def take_backup(
         counter = threading.Thread(target=count_rows, daemon=True)
         argv = [postgres.binary("pg_dump"), "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}",
                 "--lock-wait-timeout=60000", "--dbname", info.database]
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                env=postgres.tool_env(url))
-        errors: list[str] = []
-        err_thread = _stderr_reader(proc, errors)
-        counter.start()
+        # The store first: a read-only, full or missing store fails here, before pg_dump or the counting start.
         writer = store.writer(scope, backup_id, DUMP_NAME)
+        proc: subprocess.Popen | None = None
         sha = hashlib.sha256()
         raw_bytes = 0
         head = b""
         try:
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                    env=postgres.tool_env(url))
+            errors: list[str] = []
+            err_thread = _stderr_reader(proc, errors)
+            counter.start()
             comp = store.compressor().compressobj(size=-1)
             assert proc.stdout is not None
             while data := proc.stdout.read(CHUNK):
@@ -179,8 +181,8 @@ def take_backup(
                 raise BackupError(f"pg_dump produced no custom-format archive ({raw_bytes} bytes)")
             stored = writer.commit()
         except BaseException:
-            if proc.poll() is None:
-                proc.kill()
+            if proc is not None and proc.poll() is None:
+                proc.kill()  # never leave a pg_dump behind: it would hold its snapshot open on the server
                 proc.wait()
             writer.abort()
             raise
@@ -189,7 +191,7 @@ def take_backup(
             raise BackupError(f"row counts failed: {redact(count_error[0])}")
     finally:
         # The counting thread uses snap_conn: closing a connection another thread is executing on crashes libpq
-        # (seen as "Fatal Python error: Aborted" when the store failed mid-dump). Stop it, cancel its query, wait.
+        # (seen as "Fatal Python error: Aborted" when the store failed during a dump). Stop it, cancel, wait.
         if counter is not None and counter.is_alive():
             stop_counting.set()
             try:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import psutil
 import pytest
 import yaml
 
@@ -123,10 +124,12 @@ def test_backup_store_full_or_read_only(node_app, releaser, verified_backups, re
         took = time.monotonic() - started
         step, message = failure(r)
         leftovers = [p for p in mnt.rglob("*") if p.is_file() and p != filler]
+        dumps_left = [p.pid for p in psutil.Process().children(recursive=True) if p.name() == "pg_dump"]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
     assert step == "backup_database" and "not retried" in message, message
     assert leftovers == []
+    assert dumps_left == []  # no pg_dump left holding its snapshot open
     assert releaser.served() == {"v1:200"}
     lost = verified_backups()
     report(f"backup store {mode}", "failed", f"{message.splitlines()[0]} ({took:.0f} s, no migration, no deploy)", "v1", lost)
