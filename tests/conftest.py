@@ -211,7 +211,9 @@ def scratch_db(services):
         conn.execute("INSERT INTO orders (customer_id, total, note) SELECT 1 + i % 5000, i * 1.5, md5(i::text) FROM generate_series(1, 20000) i")
         conn.execute("CREATE INDEX orders_customer_idx ON orders (customer_id)")
     yield url
-    with psycopg.connect(services.database_url, autocommit=True) as conn:
+    # As the superuser: an autovacuum worker that just started on a fresh database can only be terminated by a
+    # superuser (the app role gets "permission denied to terminate process" from DROP ... WITH (FORCE)).
+    with psycopg.connect(services.admin_database_url, autocommit=True) as conn:
         for (db,) in conn.execute("SELECT datname FROM pg_database WHERE datname LIKE %s", (name + "%",)).fetchall():
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
 
