@@ -15,20 +15,16 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Step processes of the multiprocess run re-import this module: they must find the same state dir.
-if "OPS_BENCH_ORCH_STATE" not in os.environ:
-    os.environ["OPS_BENCH_ORCH_STATE"] = tempfile.mkdtemp(prefix="ops-bench-orch-")
-STATE = Path(os.environ["OPS_BENCH_ORCH_STATE"])
-STATE.chmod(0o755)
-os.environ["OPS_STATE_DIR"] = str(STATE)
-os.environ["OPS_PROJECT_ROOT"] = str(ROOT)
-os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
 sys.path.insert(0, str(ROOT))
+
+from bench.workdir import copy_example_app, dagster_home, isolated_state, npm_ci  # noqa: E402
+
+# Step processes of the multiprocess run re-import this module: they must find the same state dir.
+STATE = isolated_state("ops-bench-orch-", reuse_env="OPS_BENCH_ORCH_STATE")
 
 import dagster as dg  # noqa: E402
 
@@ -73,18 +69,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="run the app's lint and tests too")
     args = parser.parse_args()
-    home = STATE / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "config" / "dagster.yaml", home / "dagster.yaml")
-    app = STATE / "app"
-    shutil.copytree(ROOT / "examples" / "node-api", app, ignore=shutil.ignore_patterns("node_modules", "dist", ".test-dist"))
+    home = dagster_home(STATE)
+    app = copy_example_app(STATE / "app")
     stack = LocalStack()
     rows = []
     try:
         t0 = time.monotonic()
         stack.ensure_running()
         print(f"embedded stack up in {time.monotonic() - t0:.1f} s; npm ci of the app (not timed)...", flush=True)
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"], cwd=app, check=True)
+        npm_ci(app)
         with dg.instance_for_test(temp_dir=str(home)) as instance:
             # warm-up releases: build the caches (install stamp, production dependencies) both variants then share,
             # and put a v0 in each environment so both measured runs replace a serving version.

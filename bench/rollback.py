@@ -18,17 +18,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STATE = Path(tempfile.mkdtemp(prefix="ops-bench-rb-"))
-STATE.chmod(0o755)
-os.environ["OPS_STATE_DIR"] = str(STATE)
-os.environ["OPS_PROJECT_ROOT"] = str(ROOT)
-os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
 sys.path.insert(0, str(ROOT))
+
+from bench.workdir import copy_example_app, isolated_state, npm_ci  # noqa: E402
+
+STATE = isolated_state("ops-bench-rb-")
 
 import dagster as dg  # noqa: E402
 import httpx  # noqa: E402
@@ -67,12 +65,12 @@ def main() -> int:
     env, port = "rb-bench", free_port()
     apps = STATE / "apps"
     v1 = apps / "v1"
-    shutil.copytree(ROOT / "examples" / "node-api", v1, ignore=shutil.ignore_patterns("node_modules", "dist", ".test-dist"))
+    copy_example_app(v1)
     stack = LocalStack()
     servers = DagsterServers(STATE / "dagster_home", env={"OPS_STATE_DIR": str(STATE)})
     try:
         stack.ensure_running()
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"], cwd=v1, check=True)
+        npm_ci(v1)
         v2 = apps / "v2"
         shutil.copytree(v1, v2, symlinks=True, ignore=shutil.ignore_patterns("node_modules"))
         subprocess.run(["cp", "-al", str(v1 / "node_modules"), str(v2 / "node_modules")], check=True)

@@ -16,17 +16,15 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STATE = Path(tempfile.mkdtemp(prefix="ops-bench-zd-"))
-STATE.chmod(0o755)
-os.environ["OPS_STATE_DIR"] = str(STATE)
-os.environ["OPS_PROJECT_ROOT"] = str(ROOT)
-os.environ["DAGSTER_DISABLE_TELEMETRY"] = "1"
 sys.path.insert(0, str(ROOT))
+
+from bench.workdir import copy_example_app, dagster_home, isolated_state, npm_ci  # noqa: E402
+
+STATE = isolated_state("ops-bench-zd-")
 
 import dagster as dg  # noqa: E402
 
@@ -81,17 +79,14 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=900, help="requests per second")
     parser.add_argument("--docker", action="store_true", help="also the Docker Engine target (needs DOCKER_HOST)")
     args = parser.parse_args()
-    home = STATE / "dagster_home"
-    home.mkdir()
-    shutil.copy(ROOT / "config" / "dagster.yaml", home / "dagster.yaml")
-    app = STATE / "app"
-    shutil.copytree(ROOT / "examples" / "node-api", app, ignore=shutil.ignore_patterns("node_modules", "dist", ".test-dist"))
+    home = dagster_home(STATE)
+    app = copy_example_app(STATE / "app")
     stack = LocalStack()
     rows: list[dict] = []
     envs = []
     try:
         stack.ensure_running()
-        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--prefer-offline", "--loglevel=error"], cwd=app, check=True)
+        npm_ci(app)
         with dg.instance_for_test(temp_dir=str(home)) as instance:
             release = defs.get_job_def("release")
             rollback = defs.get_job_def("rollback")

@@ -16,20 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.containers.conftest import _containers_state_dir, _engine_answers
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts" / "containers"
-
-
-def _containers_state_dir() -> Path:
-    return Path(os.environ.get("OPS_CONTAINERS_STATE_DIR") or ROOT / ".ops" / "containers")
-
-
-def _engine_answers(sock: Path) -> bool:
-    if not sock.exists():
-        return False
-    proc = subprocess.run(["curl", "-fsS", "-m", "3", "--unix-socket", str(sock), "http://d/_ping"],
-                          capture_output=True, check=False)
-    return proc.returncode == 0
 
 
 def run_script(name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
