@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import random
 import secrets
 import shutil
 import socket
@@ -71,7 +72,35 @@ def redis_server_binary() -> str:
         return found
 
 
+def _ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for the local ports of outgoing connections (Linux default 32768-60999)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A free TCP port for a server to listen on, chosen BELOW the kernel's ephemeral range.
+
+    A port from `bind(0)` is an ephemeral one: between choosing it and the server binding it, any outgoing
+    connection on the machine may be given the same local port, and the server then fails with "Address already
+    in use" (seen in CI: redis-server, daemonized, exited after its parent had returned 0). Ports under the
+    ephemeral range are never handed out to outgoing connections, so only another server can take them.
+    """
+    low, _ = _ephemeral_port_range()
+    lo, hi = max(1024, low - 12000), low - 1
+    if hi - lo >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randint(lo, hi)
+            with socket.socket() as s:
+                try:
+                    s.bind(("", port))  # every address: nothing may hold the port on any interface
+                except OSError:
+                    continue
+                return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -83,6 +112,16 @@ def _port_answers(port: int, host: str = "127.0.0.1", timeout: float = 0.5) -> b
             return True
     except OSError:
         return False
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """What a log file gained since `offset` (the attempt at hand, not earlier runs)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _ensure_system_user(name: str) -> pwd.struct_passwd:
@@ -224,18 +263,25 @@ class LocalStack(dg.ConfigurableResource):
         self._chown(log)
         if _port_answers(state["pg_port"]):
             return
-        opts = (
-            f"-p {state['pg_port']} -k {sock} -c listen_addresses=127.0.0.1 "
-            "-c max_connections=200 -c shared_buffers=128MB -c maintenance_work_mem=256MB -c max_wal_size=2GB"
-        )
-        # pg_ctl daemonizes the server: it keeps running after this process exits.
-        res = self._pg_run(
-            [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"],
-            start_new_session=True,
-        )
-        if res.returncode != 0:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"PostgreSQL did not start: {res.stderr.strip()} {tail}")
+        for attempt in range(3):
+            opts = (
+                f"-p {state['pg_port']} -k {sock} -c listen_addresses=127.0.0.1 "
+                "-c max_connections=200 -c shared_buffers=128MB -c maintenance_work_mem=256MB -c max_wal_size=2GB"
+            )
+            offset = log.stat().st_size
+            # pg_ctl daemonizes the server: it keeps running after this process exits.
+            res = self._pg_run(
+                [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"],
+                start_new_session=True,
+            )
+            if res.returncode == 0:
+                return
+            tail = _read_from(log, offset)
+            if "could not bind" in tail and attempt < 2:  # someone else took the port: choose another, once more
+                state["pg_port"] = free_port()
+                self._save_state(state)
+                continue
+            raise RuntimeError(f"PostgreSQL did not start on port {state['pg_port']}: {res.stderr.strip()} {tail[-2000:]}")
 
     def _ensure_app_database(self, state: dict) -> None:
         import psycopg
@@ -272,32 +318,44 @@ class LocalStack(dg.ConfigurableResource):
         rdir = self.root / "redis"
         rdir.mkdir(parents=True, exist_ok=True)
         conf = rdir / "redis.conf"
-        conf.write_text(
-            "\n".join(
-                [
-                    f"port {state['redis_port']}",
-                    "bind 127.0.0.1",
-                    "protected-mode yes",
-                    f"requirepass {state['redis_password']}",
-                    "daemonize yes",
-                    f"pidfile {rdir / 'redis.pid'}",
-                    f"logfile {rdir / 'redis.log'}",
-                    f"dir {rdir}",
-                    "save 60 1000",
-                    "appendonly no",
-                ]
-            )
-            + "\n"
-        )
-        os.chmod(conf, 0o600)
+        log = rdir / "redis.log"
+
+        def write_conf() -> None:
+            lines = [
+                f"port {state['redis_port']}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                f"requirepass {state['redis_password']}",
+                "daemonize yes",
+                f"pidfile {rdir / 'redis.pid'}",
+                f"logfile {log}",
+                f"dir {rdir}",
+                "save 60 1000",
+                "appendonly no",
+            ]
+            conf.write_text("\n".join(lines) + "\n")
+            os.chmod(conf, 0o600)
+
+        write_conf()
         if self._redis_ping(state):
             return
-        subprocess.run([redis_server_binary(), str(conf)], check=True, capture_output=True, start_new_session=True)
-        deadline = time.monotonic() + 15
-        while not self._redis_ping(state):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start; see {rdir / 'redis.log'}")
-            time.sleep(0.1)
+        for attempt in range(3):
+            offset = log.stat().st_size if log.exists() else 0
+            # daemonize: the parent exits 0 at once whatever the server then does; its log says if it failed.
+            subprocess.run([redis_server_binary(), str(conf)], check=True, capture_output=True, start_new_session=True)
+            deadline = time.monotonic() + 15
+            while not self._redis_ping(state):
+                tail = _read_from(log, offset)
+                if "Address already in use" in tail and attempt < 2:  # someone else took the port: choose another
+                    state["redis_port"] = free_port()
+                    self._save_state(state)
+                    write_conf()
+                    break
+                if "aborting" in tail or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {state['redis_port']}: {tail.strip()[-2000:]}")
+                time.sleep(0.1)
+            else:
+                return
 
     def _redis_ping(self, state: dict) -> bool:
         import redis

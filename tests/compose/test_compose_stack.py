@@ -18,7 +18,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import tomllib
@@ -30,6 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ops_pipeline.local_stack import free_port
 from tests.compose.conftest import ROOT, run_script, tail
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -390,12 +390,6 @@ POSTGRES_STANDIN = "localhost/ops-pipeline/postgres:16"
 REDIS_STANDIN = "localhost/ops-pipeline/redis:7"
 USER_CODE_IMAGE = "localhost/ops-pipeline/compose-user-code:test"
 DAGSTER_IMAGE = "localhost/ops-pipeline/compose-dagster:test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stage_build_context(dest: Path) -> Path:
