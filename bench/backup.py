@@ -13,7 +13,7 @@ What it does, in one run:
        seed backup   `pg_dump > backup.sql; gzip backup.sql`       (scripts/backup.sh of the seed)
        our backup    `take_backup(...)` into a local BackupStore     (dump + zstd + sha256 + full verification)
        seed restore  `gunzip -c backup.sql.gz | psql -v ON_ERROR_STOP=1` into a fresh database
-       our restore   `restore_into(...)` into a fresh database        (decompress, pg_restore -j2, ANALYZE)
+       our restore   `restore_into(...)` into a fresh database        (decompress, COPY FREEZE loader, pg_restore -j, ANALYZE)
      and checks every restored database against the source (row counts, index and FK counts);
   4. prints the table, the ratios and the targets (backup >= 3x faster at no larger size, restore >= 1.5x);
   5. with --explore, measures alternatives for our side (BackupStore compression and threads, read chunk,
@@ -199,6 +199,7 @@ class Measure:
     cpu: list[tuple[float, float]] = field(default_factory=list)  # (client, server) CPU seconds per run
     load: list[float] = field(default_factory=list)
     note: str = ""
+    first_vacuum: list[tuple[float, float]] = field(default_factory=list)  # after a restore: (seconds, WAL MB)
 
     @property
     def best(self) -> float:
@@ -478,6 +479,22 @@ def check_restored(bench: Bench, database: str) -> None:
         raise RuntimeError(f"restored {database} differs from the source: {diff}")
 
 
+def first_vacuum(bench: Bench, database: str) -> tuple[float, float]:
+    """The work a restore leaves for later: the first VACUUM of the restored database (seconds, MB of WAL), after a
+    CHECKPOINT. Rows loaded by a plain COPY are not frozen and their pages not all-visible: that VACUUM (or the
+    first autovacuum, on the live database after a switch-over) reads and writes every page, and with data checksums
+    each first hint-bit write after a checkpoint is a full page in the WAL. Not part of the timed restore."""
+    with contextlib.suppress(Exception), psycopg.connect(bench.admin_url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+    with psycopg.connect(bench.db_url(database), autocommit=True) as conn:
+        lsn = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        t0 = time.monotonic()
+        conn.execute("VACUUM")
+        seconds = time.monotonic() - t0
+        wal = conn.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn,)).fetchone()[0]
+    return seconds, float(wal) / MB
+
+
 def drop_db(bench: Bench, database: str, attempts: int = 10) -> None:
     """DROP DATABASE ... WITH (FORCE), as the admin role when there is one: an autovacuum worker that entered a
     freshly restored database can only be terminated by a superuser (or pg_signal_backend). Retries meanwhile."""
@@ -554,6 +571,7 @@ def seed_restore(bench: Bench, gz_path: Path, m: Measure) -> None:
         raise RuntimeError(f"seed restore failed: psql rc={psql.returncode} {psql_err.decode()[-500:]} "
                            f"gunzip rc={gunzip.returncode} {gunzip_err.decode()[-200:]}")
     check_restored(bench, target)
+    m.first_vacuum.append(first_vacuum(bench, target))
     drop_db(bench, target)
     m.add(seconds, cpu, load)
 
@@ -576,22 +594,26 @@ def our_backup(bench: Bench, m: Measure, *, keep: bool = False, store: BackupSto
     return manifest
 
 
-def our_restore(bench: Bench, manifest: dict, m: Measure, jobs: int = 3) -> None:
+def our_restore(bench: Bench, manifest: dict, m: Measure, jobs: int = backups.RESTORE_JOBS) -> None:
     target = bench.new_db_name("ours")
     start = bench.timed_start()
     result = backups.restore_into(bench.postgres, bench.store, manifest, bench.url, target, jobs=jobs, log=lambda _m: None)
     seconds, cpu, load = bench.timed_end(start)
     check_restored(bench, target)
+    m.first_vacuum.append(first_vacuum(bench, target))
     drop_db(bench, target)
     m.add(seconds, cpu, load, **{"decompress to temp file + sha256": result["fetch_s"],
-                                 f"CREATE DATABASE + pg_restore -j{jobs} + ANALYZE": result["restore_s"]})
+                                 "pre-data (pg_restore)": result["pre_data_s"],
+                                 f"data (COPY FREEZE loader, {jobs} connections)": result["data_s"],
+                                 f"post-data (pg_restore -j{jobs})": result["post_data_s"],
+                                 f"ANALYZE ({jobs} connections)": result["analyze_s"]})
 
 
 def compare(bench: Bench, runs: int) -> dict[str, Measure]:
     seed_b = Measure("seed backup: pg_dump > backup.sql; gzip backup.sql")
     ours_b = Measure(f"ours: take_backup ({bench.store.compression}, {bench.store.zstd_threads} threads, verified)")
     seed_r = Measure("seed restore: gunzip -c | psql -v ON_ERROR_STOP=1")
-    ours_r = Measure("ours: restore_into (pg_restore -j3, ANALYZE)")
+    ours_r = Measure(f"ours: restore_into (COPY FREEZE loader, -j{backups.RESTORE_JOBS}, ANALYZE)")
     gz_path, manifest = None, None
     for i in range(runs):
         gz_path = seed_backup(bench, seed_b)
@@ -661,6 +683,10 @@ def report(facts: dict, source: dict, result: dict, runs: int) -> dict:
         print(f"CPU seconds (client+server, least of the runs; less sensitive to other load than wall time): "
               f"backup {total_cpu(sb):.1f} vs {total_cpu(ob):.1f} = {total_cpu(sb) / total_cpu(ob):.2f}x, "
               f"restore {total_cpu(sr):.1f} vs {total_cpu(orr):.1f} = {total_cpu(sr) / total_cpu(orr):.2f}x")
+    for m in (sr, orr):
+        if m.first_vacuum:
+            secs, wal = min(m.first_vacuum)
+            print(f"after the restore, not in its time: first VACUUM {secs:.2f} s, {wal:.0f} MB of WAL  ({m.name})")
     loads = [x for m in (sb, ob, sr, orr) for x in m.load]
     print(f"1-minute load average at the steps' starts: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs"
           + ("  (busy machine: wall times are noisy)" if max(loads) > (os.cpu_count() or 1) else ""))
@@ -893,37 +919,37 @@ def explore_restore(bench: Bench, manifest: dict, fd_archive: Path | None, runs:
         return lambda m: restore_variant(bench, manifest, m, **kw)
 
     variants = [
-        Variant("restore_into: current (-j2, mwm 512MB)", ri(2)),
-        Variant("restore_into: --jobs=1", ri(1)),
-        Variant("restore_into: --jobs=3", ri(3)),
-        Variant("copy of restore_into (-j2, mwm 512MB, ANALYZE)", rv()),
-        Variant("copy: maintenance_work_mem=64MB", rv(options={"maintenance_work_mem": "64MB"})),
-        Variant("copy: maintenance_work_mem=256MB", rv(options={"maintenance_work_mem": "256MB"})),
-        Variant("copy: maintenance_work_mem=1GB", rv(options={"maintenance_work_mem": "1GB"})),
-        Variant("copy: max_parallel_maintenance_workers=0", rv(options={"max_parallel_maintenance_workers": "0"})),
-        Variant("copy: --single-transaction (no -j), temp file", rv(single_transaction=True)),
-        Variant("copy: --single-transaction, streamed (no temp file)", rv(single_transaction=True, stream=True)),
-        Variant("copy: ANALYZE user tables only", rv(analyze_mode="tables")),
-        Variant("copy: ANALYZE user tables, 2 connections", rv(analyze_mode="tables2")),
+        Variant(f"restore_into: current (--jobs={backups.RESTORE_JOBS})", ri(backups.RESTORE_JOBS)),
+        *[Variant(f"restore_into: --jobs={j}", ri(j)) for j in (1, 2, 3) if j != backups.RESTORE_JOBS],
+        Variant("before the loader: pg_restore -j3, mwm 512MB, ANALYZE", rv(jobs=3)),
+        Variant("before the loader: pg_restore -j2, mwm 512MB, ANALYZE", rv()),
+        Variant("pg_restore path: maintenance_work_mem=64MB", rv(options={"maintenance_work_mem": "64MB"})),
+        Variant("pg_restore path: maintenance_work_mem=256MB", rv(options={"maintenance_work_mem": "256MB"})),
+        Variant("pg_restore path: maintenance_work_mem=1GB", rv(options={"maintenance_work_mem": "1GB"})),
+        Variant("pg_restore path: max_parallel_maintenance_workers=0", rv(options={"max_parallel_maintenance_workers": "0"})),
+        Variant("pg_restore path: --single-transaction (no -j), temp file", rv(single_transaction=True)),
+        Variant("pg_restore path: --single-transaction, streamed (no temp file)", rv(single_transaction=True, stream=True)),
+        Variant("pg_restore path: ANALYZE user tables only", rv(analyze_mode="tables")),
+        Variant("pg_restore path: ANALYZE user tables, 2 connections", rv(analyze_mode="tables2")),
     ]
     if fd_archive is not None:
-        variants.append(Variant("copy: from the -Fd tar.zst archive (untar, -j2)", rv(fd_archive=fd_archive)))
+        variants.append(Variant("pg_restore path: from the -Fd tar.zst archive (untar, -j2)", rv(fd_archive=fd_archive)))
     return run_variants(variants, runs)
 
 
 def restore_combo(bench: Bench, manifest: dict, measures: list[Measure], runs: int) -> list[Measure]:
     """Combine the individually-best restore knobs (jobs, maintenance_work_mem, parallel workers, ANALYZE mode)."""
     best = {m.name: m.best for m in measures}
-    base = best["copy of restore_into (-j2, mwm 512MB, ANALYZE)"]
-    jobs = min((best["restore_into: --jobs=1"], 1), (best["restore_into: current (-j2, mwm 512MB)"], 2),
-               (best["restore_into: --jobs=3"], 3))[1]
-    mwm = min((best["copy: maintenance_work_mem=64MB"], "64MB"), (best["copy: maintenance_work_mem=256MB"], "256MB"),
-              (base, "512MB"), (best["copy: maintenance_work_mem=1GB"], "1GB"))[1]
+    base = best["before the loader: pg_restore -j2, mwm 512MB, ANALYZE"]
+    jobs = min((best["before the loader: pg_restore -j2, mwm 512MB, ANALYZE"], 2),
+               (best["before the loader: pg_restore -j3, mwm 512MB, ANALYZE"], 3))[1]
+    mwm = min((best["pg_restore path: maintenance_work_mem=64MB"], "64MB"), (best["pg_restore path: maintenance_work_mem=256MB"], "256MB"),
+              (base, "512MB"), (best["pg_restore path: maintenance_work_mem=1GB"], "1GB"))[1]
     options = {"maintenance_work_mem": mwm}
-    if best["copy: max_parallel_maintenance_workers=0"] < base:
+    if best["pg_restore path: max_parallel_maintenance_workers=0"] < base:
         options["max_parallel_maintenance_workers"] = "0"
-    mode = min((base, "all"), (best["copy: ANALYZE user tables only"], "tables"),
-               (best["copy: ANALYZE user tables, 2 connections"], "tables2"))[1]
+    mode = min((base, "all"), (best["pg_restore path: ANALYZE user tables only"], "tables"),
+               (best["pg_restore path: ANALYZE user tables, 2 connections"], "tables2"))[1]
     name = f"combined: -j{jobs}, " + ", ".join(f"{k}={v}" for k, v in options.items()) + f", ANALYZE {mode}"
     return run_variants([Variant(name, lambda m: restore_variant(bench, manifest, m, jobs=jobs, options=options,
                                                                  analyze_mode=mode))], runs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import socket
 import subprocess
@@ -441,46 +442,279 @@ def find_backup(store: BackupStore, scope: str, backup_id: str = "") -> dict:
     return m
 
 
+RESTORE_JOBS = 2  # connections; bench/backup.py --explore restore measures 1, 2 and 3
+# Tables the restore loads itself, frozen: the biggest, at most this many, each with at least this many rows and 1% of
+# all rows. Each one costs a pg_restore that reads the archive up to its data (a dump streamed to the store has no
+# data offsets), about 1.2 s per GB skipped: fine for a few big tables, not for hundreds of small ones.
+FREEZE_TABLES_MAX = 4
+FREEZE_MIN_ROWS = 10_000
+FREEZE_MIN_SHARE = 0.01
+RESTORE_OPTIONS = "-c maintenance_work_mem=512MB -c synchronous_commit=off"
+
+
 def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict, url: str, target_db: str, *,
-                 jobs: int = 3, log: LogFn, redactor: Redactor | None = None) -> dict:
-    """Create `target_db` (must not exist) and restore the backup into it with parallel pg_restore."""
+                 jobs: int = RESTORE_JOBS, log: LogFn, redactor: Redactor | None = None) -> dict:
+    """Create `target_db` (must not exist) and restore the backup into it, `jobs` connections at a time.
+
+    Phases: decompress to a temp file (sha256 checked), pre-data (`pg_restore --section=pre-data`), the biggest
+    tables' data by our own loader (below), the rest of the data section (smaller tables, sequence values, large
+    objects) and post-data (indexes, constraints) by `pg_restore -j`, then ANALYZE of every table, biggest first,
+    in parallel.
+
+    The loader streams a table's COPY data out of `pg_restore` into `COPY ... WITH (FREEZE)` after a TRUNCATE in
+    the same transaction, which PostgreSQL allows because the table is new. Rows then land frozen and marked
+    visible: index builds and ANALYZE do not set hint bits on every page (with data checksums each such first
+    touch after a checkpoint also writes a full page to WAL), and the first VACUUM, or the first autovacuum on
+    the live database after a switch-over, has nothing to do (bench/backup.py: 0.16 s and 1 MB of WAL after ours,
+    1.44 s and 623 MB after the seed's restore of 1 GB). `pg_restore -j` cannot do this: it creates a table and
+    loads it in different transactions.
+    """
     redact = redactor or Redactor()
     info = ConnInfo.parse(url)
+    jobs = max(1, jobs)
     if postgres.database_exists(url, target_db):
         raise BackupError(f"database {target_db!r} already exists; a restore only ever goes into a new database")
     t0 = time.monotonic()
     tmpdir = tempfile.mkdtemp(prefix="ops-restore-")
     path = os.path.join(tmpdir, "dump.pgc")
     sha = hashlib.sha256()
+    phases: dict[str, float] = {}
     try:
         with open(path, "wb") as f:
             stream_decompressed(store, manifest["scope"], manifest["id"], f.write, sha)
         if sha.hexdigest() != manifest["sha256"]:
             raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {sha.hexdigest()[:16]}… "
                               f"!= manifest {manifest['sha256'][:16]}…")
-        fetch_s = time.monotonic() - t0
+        phases["fetch_s"] = time.monotonic() - t0
         with postgres.connect(url) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
-        t1 = time.monotonic()
+        target_url = info.url(target_db)
         env = postgres.tool_env(url, target_db)
-        # Session settings for a faster restore: bigger sort memory for index builds, async commit.
-        env["PGOPTIONS"] = "-c maintenance_work_mem=512MB -c synchronous_commit=off"
-        argv = [postgres.binary("pg_restore"), f"--jobs={max(1, jobs)}", "--exit-on-error", "--no-owner", "--no-privileges",
-                "--dbname", target_db, path]
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise BackupError(f"pg_restore into {target_db} failed: {redact(proc.stderr.strip()[-1500:])}")
-        with postgres.connect(info.url(target_db)) as conn:
-            conn.execute("ANALYZE")
-        restore_s = time.monotonic() - t1
+        env["PGOPTIONS"] = RESTORE_OPTIONS
+        base = [postgres.binary("pg_restore"), "--exit-on-error", "--no-owner", "--no-privileges"]
+
+        def pg_restore(*args: str) -> None:
+            proc = subprocess.run([*base, *args, "--dbname", target_db, path], env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise BackupError(f"pg_restore {' '.join(args)} into {target_db} failed: "
+                                  f"{redact(proc.stderr.strip()[-1500:])}")
+
+        toc = subprocess.run([postgres.binary("pg_restore"), "--list", path], capture_output=True, text=True)
+        if toc.returncode != 0:
+            raise BackupError(f"pg_restore --list failed: {redact(toc.stderr.strip()[-500:])}")
+        entries = [line for line in toc.stdout.splitlines() if line and not line.startswith(";")]
+        rows = manifest.get("table_counts", {})
+        floor = max(FREEZE_MIN_ROWS, sum(rows.values()) * FREEZE_MIN_SHARE)
+        frozen = sorted((line for line in entries if " TABLE DATA " in line and rows.get(_toc_table(line), 0) >= floor),
+                        key=lambda line: -rows.get(_toc_table(line), 0))[:FREEZE_TABLES_MAX]  # biggest first
+        rest_list = os.path.join(tmpdir, "rest.list")
+        with open(rest_list, "w") as f:
+            f.writelines((";" if line in frozen else "") + line + "\n" for line in entries)
+
+        t = time.monotonic()
+        pg_restore("--section=pre-data")
+        phases["pre_data_s"] = time.monotonic() - t
+        t = time.monotonic()
+        # The big tables on the loader's connections and, beside them, everything else in the data section
+        # (smaller tables, sequence values, large objects) on the connections left: `jobs` in all.
+        loader_jobs = min(jobs, len(frozen))
+        import concurrent.futures
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-rest") as pool:
+            rest = pool.submit(pg_restore, "--section=data", f"--use-list={rest_list}", f"--jobs={max(1, jobs - loader_jobs)}")
+            try:
+                _load_table_data(postgres, base[0], path, tmpdir, frozen, target_url, jobs=max(1, loader_jobs),
+                                 redact=redact)
+            finally:
+                rest_error = rest.exception()  # waits for it either way: the database is dropped only after
+            if rest_error is not None:
+                raise rest_error
+        phases["data_s"] = time.monotonic() - t
+        t = time.monotonic()
+        pg_restore("--section=post-data", f"--jobs={jobs}")
+        phases["post_data_s"] = time.monotonic() - t
+        t = time.monotonic()
+        _analyze_all(postgres, target_url, jobs)
+        phases["analyze_s"] = time.monotonic() - t
     except BaseException:
         drop_database(postgres, url, target_db)
         raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    log(f"restored {manifest['id']} into {target_db}: fetch+check {fetch_s:.1f} s, pg_restore -j{jobs} {restore_s:.1f} s")
-    return {"fetch_s": round(fetch_s, 3), "restore_s": round(restore_s, 3), "jobs": jobs,
-            "total_s": round(time.monotonic() - t0, 3)}
+    restore_s = sum(v for k, v in phases.items() if k != "fetch_s")
+    log(f"restored {manifest['id']} into {target_db} with {jobs} connections: fetch+check {phases['fetch_s']:.1f} s, "
+        + ", ".join(f"{k.removesuffix('_s').replace('_', '-')} {v:.1f} s" for k, v in phases.items() if k != "fetch_s"))
+    return {**{k: round(v, 3) for k, v in phases.items()}, "restore_s": round(restore_s, 3), "jobs": jobs,
+            "tables_loaded_frozen": [_toc_table(line) for line in frozen], "total_s": round(time.monotonic() - t0, 3)}
+
+
+def _toc_table(line: str) -> str:
+    """'3345; 0 16390 TABLE DATA public events app' -> 'public.events', the manifest's key (quote_ident'ed parts)."""
+    words = line.split(" TABLE DATA ", 1)[1].split(" ") if " TABLE DATA " in line else []
+    if len(words) < 3:
+        return ""
+    schema, name = words[0], " ".join(words[1:-1])  # the last word is the owner; a name may contain spaces
+
+    def quote(ident: str) -> str:
+        return ident if re.fullmatch(r"[a-z_][a-z0-9_$]*", ident) else '"' + ident.replace('"', '""') + '"'
+
+    return f"{quote(schema)}.{quote(name)}"
+
+
+_COPY_END = b"\n\\.\n"
+
+
+def _load_table_data(postgres: PostgresResource, pg_restore: str, path: str, tmpdir: str, entries: list[str],
+                     target_url: str, *, jobs: int, redact: Redactor) -> None:
+    """Load each TABLE DATA entry on one of `jobs` connections: TRUNCATE + COPY FREEZE in one transaction."""
+    import concurrent.futures
+    import queue
+
+    todo: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
+    for i, entry in enumerate(entries):
+        todo.put((i, entry))
+    failed = threading.Event()
+
+    def load(conn: psycopg.Connection, i: int, entry: str) -> None:
+        one = os.path.join(tmpdir, f"entry-{i}.list")
+        with open(one, "w") as f:
+            f.write(entry + "\n")
+        proc = subprocess.Popen([pg_restore, f"--use-list={one}", "--file=-", path], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        err: list[bytes] = []
+        reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        out = proc.stdout
+        assert out is not None
+        def failure() -> BackupError:
+            return BackupError(f"pg_restore of entry {entry.split(';')[0]} failed: "
+                               f"{redact(b''.join(err).decode(errors='replace').strip()[-500:])}")
+
+        try:
+            _copy_entry(conn, out, failed)
+            while out.read(CHUNK):  # the rest of pg_restore's output (comments)
+                pass
+        except BaseException as exc:
+            exited_by_itself = proc.poll() is not None or _wait_briefly(proc)
+            if not exited_by_itself:
+                proc.kill()
+            rc = proc.wait()
+            reader.join(5)
+            if exited_by_itself and rc != 0:  # pg_restore's own error is the cause, not the cut stream
+                raise failure() from exc
+            raise
+        rc = proc.wait()
+        reader.join(5)
+        if rc != 0:
+            raise failure()
+
+    def worker() -> None:
+        with postgres.connect(target_url, autocommit=True, options=RESTORE_OPTIONS) as conn:
+            while not failed.is_set():
+                try:
+                    i, entry = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    load(conn, i, entry)
+                except BaseException:
+                    failed.set()
+                    raise
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="restore-load") as pool:
+        futures = [pool.submit(worker) for _ in range(min(jobs, max(1, len(entries))))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        first = next((e for e in errors if not str(e).startswith("stopped:")), errors[0])
+        if isinstance(first, psycopg.Error):
+            raise BackupError(f"loading table data failed: {redact(str(first).splitlines()[0])}") from first
+        raise first
+
+
+def _wait_briefly(proc: subprocess.Popen, seconds: float = 1.0) -> bool:
+    try:
+        proc.wait(seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+_COPY_TABLE = re.compile(r'^COPY ((?:"(?:[^"]|"")*"|[^".\s]+)\.(?:"(?:[^"]|"")*"|[^".\s]+)) ')
+
+
+def _copy_entry(conn: psycopg.Connection, out, failed: threading.Event) -> None:
+    """Feed one entry's plain-text output of pg_restore (settings, `COPY ... FROM stdin;`, rows, the end marker)."""
+    settings, copy_stmt = [], ""
+    for raw in iter(out.readline, b""):
+        line = raw.decode()
+        if line.startswith("COPY ") and line.rstrip().endswith("FROM stdin;"):
+            copy_stmt = line.rstrip().removesuffix(";")
+            break
+        if line.startswith(("SET ", "SELECT pg_catalog.set_config(")):
+            settings.append(line)
+    if not copy_stmt:  # nothing to load
+        return
+    match = _COPY_TABLE.match(copy_stmt)
+    if not match:
+        raise BackupError(f"unexpected COPY statement in the backup: {copy_stmt[:200]}")
+    table = match.group(1)
+    with conn.transaction():
+        for stmt in settings:
+            conn.execute(stmt)
+        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+        freeze = kind is not None and kind[0] == "r"
+        if freeze:  # a table truncated in this transaction may be loaded frozen
+            conn.execute(f"TRUNCATE ONLY {table}")
+        with conn.cursor().copy(copy_stmt + (" WITH (FREEZE)" if freeze else "")) as copy:
+            pending, sent = b"", False  # bytes read but not sent yet: never more than the end marker minus one
+            while True:
+                if failed.is_set():
+                    raise BackupError("stopped: another table failed")
+                block = out.read(CHUNK)
+                # The end marker is a line of its own; at the very start of the data no newline precedes it.
+                head = b"" if sent else b"\n"
+                buf = head + pending + block
+                end = buf.find(_COPY_END)
+                if end >= 0:
+                    rows = buf[len(head) : end + 1]
+                    if rows:
+                        copy.write(rows)
+                    break
+                if not block:
+                    raise BackupError(f"the COPY data of {table} ended without its end marker")
+                cut = max(len(head), len(buf) - (len(_COPY_END) - 1))
+                rows, pending = buf[len(head) : cut], buf[cut:]
+                if rows:
+                    copy.write(rows)
+                    sent = True
+
+
+def _analyze_all(postgres: PostgresResource, target_url: str, jobs: int) -> None:
+    """ANALYZE every table of the restored database, biggest first, on `jobs` connections."""
+    import concurrent.futures
+    import queue
+
+    with postgres.connect(target_url) as conn:
+        tables = [r[0] for r in conn.execute(
+            """SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind IN ('r', 'm', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                  AND n.nspname NOT LIKE 'pg_toast%' ORDER BY pg_total_relation_size(c.oid) DESC""")]
+    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+    for t in tables:
+        todo.put(t)
+
+    def worker() -> None:
+        with postgres.connect(target_url) as c:
+            while True:
+                try:
+                    table = todo.get_nowait()
+                except queue.Empty:
+                    return
+                c.execute(f"ANALYZE {table}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for f in [pool.submit(worker) for _ in range(min(max(1, jobs), max(1, len(tables))))]:
+            f.result()
 
 
 def compare_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:

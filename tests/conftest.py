@@ -61,6 +61,24 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line("  ".join(str(c)[:w].ljust(w) for c, w in zip(cells, widths)))
 
 
+def _kill_leftovers_of_this_session() -> None:
+    """Any process still running with a PM2_HOME in this session's state dir (a daemon that a late `pm2` call
+    respawned after its test had killed it) is killed, so a test run leaves nothing behind."""
+    import psutil
+
+    prefix = str(_STATE) + os.sep
+    left = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("PM2_HOME", "").startswith(prefix):
+                proc.kill()
+                left.append(f"{proc.pid} {proc.info['name']}")
+        except (psutil.Error, OSError):
+            continue
+    if left:
+        print(f"\nkilled {len(left)} leftover process(es) of this session: {', '.join(left)}")
+
+
 def pytest_sessionfinish(session, exitstatus):
     pm2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
     envs = _STATE / "envs"
@@ -69,6 +87,7 @@ def pytest_sessionfinish(session, exitstatus):
             if (env_dir / "pm2").is_dir():
                 subprocess.run([str(pm2), "kill"], env={**os.environ, "PM2_HOME": str(env_dir / "pm2")},
                                capture_output=True, timeout=60)
+    _kill_leftovers_of_this_session()
     try:
         LocalStack().stop()
     except Exception:

@@ -194,13 +194,14 @@ class DrillConfig(dg.Config):
     """Restore drill: prove the newest backup restores."""
 
     backup_id: str = Field("", description="Backup to drill (empty: the newest verified).")
-    jobs: int = Field(3, description="Parallel pg_restore jobs (3 measured fastest on 2 cores: bench/backup.py).")
+    jobs: int = Field(backups.RESTORE_JOBS, description="Connections the restore loads, indexes and analyzes on "
+                      "(bench/backup.py --explore restore measures 1, 2 and 3).")
     keep_scratch_database: bool = Field(False, description="Keep the scratch database for inspection.")
 
 
 @dg.op(
     description=(
-        "Restore drill: restores the newest verified backup into a scratch database with parallel pg_restore, compares "
+        "Restore drill: restores the newest verified backup into a scratch database (parallel, tables loaded frozen), compares "
         "every table's row count with the manifest, runs pg_amcheck where available, records the restore time (the "
         "measured RTO) and drops the scratch database. A corrupted or unrestorable backup fails the drill."
     ),
@@ -248,6 +249,8 @@ def drill_newest_backup(context: dg.OpExecutionContext, config: DrillConfig, spe
             "backup_id": manifest["id"],
             "restore_s": dg.MetadataValue.float(timing["restore_s"]),
             "total_s (RTO)": dg.MetadataValue.float(timing["total_s"]),
+            "restore_phases_s": dg.MetadataValue.json({k.removesuffix("_s"): timing[k] for k in
+                                                       ("fetch_s", "pre_data_s", "data_s", "post_data_s", "analyze_s")}),
             "tables": len(counts),
             "rows": dg.MetadataValue.int(sum(counts.values())),
             "row_counts_match": not mismatches,
@@ -281,7 +284,7 @@ class RestoreConfig(dg.Config):
     embedded_services: bool = Field(True, description="Use the embedded local PostgreSQL when DATABASE_URL is not set.")
     database_url_env: str = Field("DATABASE_URL", description="Variable holding the live database URL.")
     backup_id: str = Field("", description="Backup to restore (empty: the newest verified).")
-    jobs: int = Field(3, description="Parallel pg_restore jobs.")
+    jobs: int = Field(backups.RESTORE_JOBS, description="Connections the restore loads, indexes and analyzes on.")
     switch_over: bool = Field(False, description="After a verified restore, make the restored database the live one.")
     confirm_database: str = Field(
         "", description="Required with switch_over: type the live database's name to confirm data written after the backup is set aside."

@@ -114,8 +114,8 @@ class Pm2Target(DeployTarget):
         return proc.stdout
 
     def _jlist(self) -> list[dict]:
-        if not (self.home / "pm2.pid").exists():
-            return []  # no daemon: nothing is running (do not spawn one just to ask)
+        if not self.daemon_alive():
+            return []  # no daemon (or a stale pid file): nothing is running; `pm2 jlist` would spawn one just to ask
         out = self.pm2("jlist", check=False, timeout_s=30)
         start = out.find("[")
         try:
