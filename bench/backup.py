@@ -240,9 +240,11 @@ class Bench:
         return f"{DB_PREFIX}{tag}_{self.counter}"
 
     def timed_start(self) -> tuple[float, float, float, float]:
-        """Checkpoint (so no step pays for the previous one's dirty buffers), then start the clocks."""
+        """Checkpoint and sync (so no step pays for the previous one's dirty buffers and dirty page cache: the
+        first VACUUM after a restore writes hundreds of MB), then start the clocks."""
         with contextlib.suppress(Exception), psycopg.connect(self.admin_url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")
+        os.sync()
         wait_for_client_backends_to_exit(self.postmaster)
         return time.monotonic(), cpu_seconds(), server_cpu_seconds(self.postmaster), os.getloadavg()[0]
 
