@@ -465,8 +465,8 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
     the same transaction, which PostgreSQL allows because the table is new. Rows then land frozen and marked
     visible: index builds and ANALYZE do not set hint bits on every page (with data checksums each such first
     touch after a checkpoint also writes a full page to WAL), and the first VACUUM, or the first autovacuum on
-    the live database after a switch-over, has nothing to do (bench/backup.py: 0.16 s and 1 MB of WAL after ours,
-    1.44 s and 623 MB after the seed's restore of 1 GB). `pg_restore -j` cannot do this: it creates a table and
+    the live database after a switch-over, has nothing to do (bench/backup.py, 1 GB: 0.16 s and 1 MB of WAL after
+    ours, 1.2-1.4 s and 560-620 MB after the seed's restore). `pg_restore -j` cannot do this: it creates a table and
     loads it in different transactions.
     """
     redact = redactor or Redactor()
