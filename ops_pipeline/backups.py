@@ -479,6 +479,7 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
     path = os.path.join(tmpdir, "dump.pgc")
     sha = hashlib.sha256()
     phases: dict[str, float] = {}
+    created = False
     try:
         with open(path, "wb") as f:
             stream_decompressed(store, manifest["scope"], manifest["id"], f.write, sha)
@@ -488,6 +489,7 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
         phases["fetch_s"] = time.monotonic() - t0
         with postgres.connect(url) as conn:
             conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
+        created = True
         target_url = info.url(target_db)
         env = postgres.tool_env(url, target_db)
         env["PGOPTIONS"] = RESTORE_OPTIONS
@@ -537,7 +539,8 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
         _analyze_all(postgres, target_url, jobs)
         phases["analyze_s"] = time.monotonic() - t
     except BaseException:
-        drop_database(postgres, url, target_db)
+        if created:  # only what this restore created: a database of that name made meanwhile by someone else stays
+            drop_database(postgres, url, target_db)
         raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)

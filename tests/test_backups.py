@@ -350,3 +350,25 @@ def test_restore_loads_only_the_biggest_tables_itself(scratch_db, store):
         assert backups.compare_counts(m["table_counts"], PG.table_row_counts(scratch_db, target)) == []
     finally:
         backups.drop_database(PG, scratch_db, target)
+
+
+class _RacedPostgres(PostgresResource):
+    """Says the target does not exist although it does: another restore created it after our check."""
+
+    def database_exists(self, url: str, database: str) -> bool:
+        return False
+
+
+def test_restore_never_drops_a_database_it_did_not_create(scratch_db, store):
+    m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
+    theirs = f"raced_{time.time_ns() % 10**8}"
+    with psycopg.connect(scratch_db, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {theirs}")
+    try:
+        with psycopg.connect(ConnInfo.parse(scratch_db).url(theirs), autocommit=True) as c:
+            c.execute("CREATE TABLE precious (id int)")
+        with pytest.raises(psycopg.errors.DuplicateDatabase):
+            backups.restore_into(_RacedPostgres(), store, m, scratch_db, theirs, log=print)
+        assert PG.table_row_counts(scratch_db, theirs) == {"public.precious": 0}
+    finally:
+        backups.drop_database(PG, scratch_db, theirs)
