@@ -119,6 +119,9 @@ class DockerTargetConfig(dg.Config):
     push: bool = Field(True, description="Push the built image to the registry in image_repository.")
     container_port: int = Field(3000, description="Port the app listens on inside the container.")
     drain_s: float = Field(30.0, description="Longest time an old container is given to finish its requests.")
+    start_timeout_s: float = Field(0.0, description="Longest wait for a new container to become healthy (its "
+                                   "HEALTHCHECK and our own probe) before the rollout stops with the old replicas "
+                                   "serving; 0: the health gate's deadline, at least 30 s.")
     nginx_conf_dir: str = Field("", description="Where the generated nginx config lives (default: <state>/envs/<env>/nginx).")
     env_file_vars: list[str] = Field([], description="Extra variables passed to the containers.")
     secret_files: bool = Field(True, description="Give the containers app.secret_env as read-only files "
@@ -270,6 +273,8 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     if t.kind == DeployTargetKind.docker:
         if t.docker.drain_s < 0:
             problems.append(f"target.docker.drain_s: must be >= 0 (got {t.docker.drain_s})")
+        if t.docker.start_timeout_s < 0:
+            problems.append(f"target.docker.start_timeout_s: must be >= 0, 0 for the gate's deadline (got {t.docker.start_timeout_s})")
         if not (1 <= t.docker.container_port <= 65535):
             problems.append(f"target.docker.container_port: must be between 1 and 65535 (got {t.docker.container_port})")
     if t.kind == DeployTargetKind.kubernetes:

@@ -11,7 +11,7 @@ import pytest
 
 from ops_pipeline import backups
 from ops_pipeline.resources.backup_store import BackupStore, StoreError
-from ops_pipeline.resources.postgres import ConnInfo, PostgresResource
+from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
 from tests.conftest import make_defs
 
 PG = PostgresResource()
@@ -372,3 +372,26 @@ def test_restore_never_drops_a_database_it_did_not_create(scratch_db, store):
         assert PG.table_row_counts(scratch_db, theirs) == {"public.precious": 0}
     finally:
         backups.drop_database(PG, scratch_db, theirs)
+
+
+def test_switch_fails_clearly_and_renames_nothing_when_a_session_cannot_be_closed(scratch_db, services):
+    """An app role may not terminate a superuser's session (nor an autovacuum worker). The switch then names who
+    is connected, renames nothing and leaves the live database accepting connections."""
+    from ops_pipeline.ops.backup import switch_databases
+
+    info = ConnInfo.parse(scratch_db)
+    live, restored = info.database, f"{info.database}_r"
+    with psycopg.connect(scratch_db, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {restored}")
+    admin_on_live = psycopg.connect(ConnInfo.parse(services.admin_database_url).url(live), autocommit=True)
+    try:
+        with pytest.raises(DatabaseError) as err:
+            switch_databases(PG, scratch_db, live=live, restored=restored, aside=f"{live}_aside", attempts=1)
+        assert "still has sessions this role may not close: role postgres" in str(err.value), err.value
+        assert "Nothing was renamed" in str(err.value)
+    finally:
+        admin_on_live.close()
+    assert PG.database_exists(scratch_db, live) and PG.database_exists(scratch_db, restored)
+    assert not PG.database_exists(scratch_db, f"{live}_aside")
+    with psycopg.connect(scratch_db) as c:  # still accepting connections
+        assert c.execute("SELECT count(*) FROM orders").fetchone()[0] == 20000

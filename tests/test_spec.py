@@ -40,6 +40,7 @@ def test_defaults_release_the_example_app():
         ({"version": "v1 with spaces"}, "version"),
         ({"target": {"pm2": {"kill_timeout_s": 5}}}, "target.pm2.kill_timeout_s"),
         ({"target": {"pm2": {"keep_releases": 1}}}, "target.pm2.keep_releases"),
+        ({"target": {"kind": "docker", "docker": {"start_timeout_s": -1}}}, "target.docker.start_timeout_s"),
     ],
 )
 def test_each_bad_value_names_its_field(kwargs, field):

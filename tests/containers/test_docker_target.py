@@ -290,12 +290,15 @@ def test_never_healthy_version_leaves_old_replicas_serving(container_engine, con
     bad = container_variant("bad-health", app_variants.health_always_503)
     t0 = time.monotonic()
     with SteadyLoad(d.port, tmp_path) as load:
-        r = d.release.execute_in_process(run_config=docker_run_config(bad, d.env, version="v3-bad", port=d.port),
-                                         instance=instance, raise_on_error=False)
+        # target.docker.start_timeout_s bounds the wait for the new container (the gate's deadline otherwise)
+        cfg = docker_run_config(bad, d.env, version="v3-bad", port=d.port,
+                                target=docker_target_config(start_timeout_s=12))
+        r = d.release.execute_in_process(run_config=cfg, instance=instance, raise_on_error=False)
     assert not r.success
     step, message = failure_of(r)
     assert step == "rolling_deploy"
     assert "never became healthy" in message and "HTTP 503" in message and "still serving v1" in message, message
+    assert "not healthy within 12 s" in message, message
     assert "last log lines of" in message
     print(f"\nnever-healthy v2 stopped after {time.monotonic() - t0:.1f} s; load meanwhile: {load.summary()}")
     assert load.result["failed"] == 0, load.result["failures"]

@@ -703,7 +703,7 @@ class DockerTarget(DeployTarget):
         url = f"http://127.0.0.1:{port}{self.spec.app.health_path}"
         hc = (c.attrs.get("Config") or {}).get("Healthcheck") or {}
         has_hc = bool(hc.get("Test")) and hc["Test"][0] != "NONE"
-        timeout = max(30.0, self.spec.gate.deadline_s)
+        timeout = self.cfg.start_timeout_s or max(30.0, self.spec.gate.deadline_s)
         deadline = time.monotonic() + timeout
         streak, last, triggered, exited_since = 0, None, 0.0, None
         health_status = ""
