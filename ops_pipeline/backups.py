@@ -10,9 +10,11 @@ and only a backup with a manifest exists.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import os
 import platform
+import queue
 import re
 import shutil
 import socket
@@ -495,11 +497,18 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
         env["PGOPTIONS"] = RESTORE_OPTIONS
         base = [postgres.binary("pg_restore"), "--exit-on-error", "--no-owner", "--no-privileges"]
 
-        def pg_restore(*args: str) -> None:
-            proc = subprocess.run([*base, *args, "--dbname", target_db, path], env=env, capture_output=True, text=True)
+        def start_pg_restore(*args: str) -> subprocess.Popen:
+            return subprocess.Popen([*base, *args, "--dbname", target_db, path], env=env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+
+        def finish(proc: subprocess.Popen) -> None:
+            _, err = proc.communicate()
             if proc.returncode != 0:
-                raise BackupError(f"pg_restore {' '.join(args)} into {target_db} failed: "
-                                  f"{redact(proc.stderr.strip()[-1500:])}")
+                raise BackupError(f"pg_restore {' '.join(proc.args[len(base):-3])} into {target_db} failed: "
+                                  f"{redact(err.strip()[-1500:])}")
+
+        def pg_restore(*args: str) -> None:
+            finish(start_pg_restore(*args))
 
         toc = subprocess.run([postgres.binary("pg_restore"), "--list", path], capture_output=True, text=True)
         if toc.returncode != 0:
@@ -520,17 +529,14 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
         # The big tables on the loader's connections and, beside them, everything else in the data section
         # (smaller tables, sequence values, large objects) on the connections left: `jobs` in all.
         loader_jobs = min(jobs, len(frozen))
-        import concurrent.futures
-
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-rest") as pool:
-            rest = pool.submit(pg_restore, "--section=data", f"--use-list={rest_list}", f"--jobs={max(1, jobs - loader_jobs)}")
-            try:
-                _load_table_data(postgres, base[0], path, tmpdir, frozen, target_url, jobs=max(1, loader_jobs),
-                                 redact=redact)
-            finally:
-                rest_error = rest.exception()  # waits for it either way: the database is dropped only after
-            if rest_error is not None:
-                raise rest_error
+        rest = start_pg_restore("--section=data", f"--use-list={rest_list}", f"--jobs={max(1, jobs - loader_jobs)}")
+        try:
+            _load_table_data(postgres, base[0], path, tmpdir, frozen, target_url, jobs=max(1, loader_jobs), redact=redact)
+        except BaseException:
+            rest.kill()
+            rest.communicate()
+            raise
+        finish(rest)
         phases["data_s"] = time.monotonic() - t
         t = time.monotonic()
         pg_restore("--section=post-data", f"--jobs={jobs}")
@@ -567,34 +573,58 @@ def _toc_table(line: str) -> str:
 _COPY_END = b"\n\\.\n"
 
 
+def _on_connections(postgres: PostgresResource, url: str, items: list, work: Callable[[psycopg.Connection, object], None],
+                    *, jobs: int, failed: threading.Event | None = None, **connect_kw) -> None:
+    """Run `work(conn, item)` for every item, in order, on `jobs` connections (one per thread, each taking the next
+    item). The first failure sets `failed` (work in progress may watch it), stops the others from taking more and
+    is raised (before any "stopped: ..." error it caused)."""
+    todo: queue.SimpleQueue = queue.SimpleQueue()
+    for item in items:
+        todo.put(item)
+    failed = failed or threading.Event()
+
+    def worker() -> None:
+        with postgres.connect(url, autocommit=True, **connect_kw) as conn:
+            while not failed.is_set():
+                try:
+                    item = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    work(conn, item)
+                except BaseException:
+                    failed.set()
+                    raise
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(worker) for _ in range(min(max(1, jobs), max(1, len(items))))]
+        errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:
+        raise next((e for e in errors if not str(e).startswith("stopped:")), errors[0])
+
+
 def _load_table_data(postgres: PostgresResource, pg_restore: str, path: str, tmpdir: str, entries: list[str],
                      target_url: str, *, jobs: int, redact: Redactor) -> None:
     """Load each TABLE DATA entry on one of `jobs` connections: TRUNCATE + COPY FREEZE in one transaction."""
-    import concurrent.futures
-    import queue
+    stop = threading.Event()  # set when any table fails: the others abandon their COPY
 
-    todo: queue.SimpleQueue[tuple[int, str]] = queue.SimpleQueue()
-    for i, entry in enumerate(entries):
-        todo.put((i, entry))
-    failed = threading.Event()
-
-    def load(conn: psycopg.Connection, i: int, entry: str) -> None:
+    def load(conn: psycopg.Connection, item: tuple[int, str]) -> None:
+        i, entry = item
         one = os.path.join(tmpdir, f"entry-{i}.list")
         with open(one, "w") as f:
             f.write(entry + "\n")
         proc = subprocess.Popen([pg_restore, f"--use-list={one}", "--file=-", path], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        err: list[bytes] = []
-        reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-        reader.start()
+        err: list[str] = []
+        reader = _stderr_reader(proc, err)
         out = proc.stdout
         assert out is not None
+
         def failure() -> BackupError:
-            return BackupError(f"pg_restore of entry {entry.split(';')[0]} failed: "
-                               f"{redact(b''.join(err).decode(errors='replace').strip()[-500:])}")
+            return BackupError(f"pg_restore of entry {entry.split(';')[0]} failed: {redact(' | '.join(err[-5:]))}")
 
         try:
-            _copy_entry(conn, out, failed)
+            _copy_entry(conn, out, stop)
             while out.read(CHUNK):  # the rest of pg_restore's output (comments)
                 pass
         except BaseException as exc:
@@ -611,27 +641,11 @@ def _load_table_data(postgres: PostgresResource, pg_restore: str, path: str, tmp
         if rc != 0:
             raise failure()
 
-    def worker() -> None:
-        with postgres.connect(target_url, autocommit=True, options=RESTORE_OPTIONS) as conn:
-            while not failed.is_set():
-                try:
-                    i, entry = todo.get_nowait()
-                except queue.Empty:
-                    return
-                try:
-                    load(conn, i, entry)
-                except BaseException:
-                    failed.set()
-                    raise
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="restore-load") as pool:
-        futures = [pool.submit(worker) for _ in range(min(jobs, max(1, len(entries))))]
-        errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:
-        first = next((e for e in errors if not str(e).startswith("stopped:")), errors[0])
-        if isinstance(first, psycopg.Error):
-            raise BackupError(f"loading table data failed: {redact(str(first).splitlines()[0])}") from first
-        raise first
+    try:
+        _on_connections(postgres, target_url, list(enumerate(entries)), load, jobs=jobs, failed=stop,
+                        options=RESTORE_OPTIONS)
+    except psycopg.Error as exc:
+        raise BackupError(f"loading table data failed: {redact(str(exc).splitlines()[0])}") from exc
 
 
 def _wait_briefly(proc: subprocess.Popen, seconds: float = 1.0) -> bool:
@@ -694,30 +708,12 @@ def _copy_entry(conn: psycopg.Connection, out, failed: threading.Event) -> None:
 
 def _analyze_all(postgres: PostgresResource, target_url: str, jobs: int) -> None:
     """ANALYZE every table of the restored database, biggest first, on `jobs` connections."""
-    import concurrent.futures
-    import queue
-
     with postgres.connect(target_url) as conn:
         tables = [r[0] for r in conn.execute(
             """SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r', 'm', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
                   AND n.nspname NOT LIKE 'pg_toast%' ORDER BY pg_total_relation_size(c.oid) DESC""")]
-    todo: queue.SimpleQueue[str] = queue.SimpleQueue()
-    for t in tables:
-        todo.put(t)
-
-    def worker() -> None:
-        with postgres.connect(target_url) as c:
-            while True:
-                try:
-                    table = todo.get_nowait()
-                except queue.Empty:
-                    return
-                c.execute(f"ANALYZE {table}")
-
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        for f in [pool.submit(worker) for _ in range(min(max(1, jobs), max(1, len(tables))))]:
-            f.result()
+    _on_connections(postgres, target_url, tables, lambda conn, table: conn.execute(f"ANALYZE {table}"), jobs=jobs)
 
 
 def compare_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:

@@ -84,15 +84,15 @@ def test_bad_connection_fails_clearly_and_leaves_nothing(scratch_db, store, faul
     assert files_in(store) == []
 
 
-def _wrapper_bin(tmp_path: Path, body: str) -> PostgresResource:
-    """A bin_dir whose pg_dump is a wrapper around the real one; the other tools are the real ones."""
+def _wrapper_bin(tmp_path: Path, body: str, wrapped: str = "pg_dump") -> PostgresResource:
+    """A bin_dir whose `wrapped` tool is a script around the real one ($REAL); the other tools are the real ones."""
     real = Path(PG.binary("pg_dump")).parent
     d = tmp_path / "bin"
     d.mkdir()
-    for tool in ("pg_restore", "pg_amcheck", "psql"):
+    for tool in {"pg_dump", "pg_restore", "pg_amcheck", "psql"} - {wrapped}:
         (d / tool).symlink_to(real / tool)
-    script = d / "pg_dump"
-    script.write_text(f"#!/bin/sh\nREAL={real}/pg_dump\n{body}\n")
+    script = d / wrapped
+    script.write_text(f"#!/bin/sh\nREAL={real}/{wrapped}\n{body}\n")
     script.chmod(script.stat().st_mode | stat.S_IEXEC)
     return PostgresResource(bin_dir=str(d))
 
@@ -318,20 +318,11 @@ def test_restore_fails_cleanly_when_a_table_cannot_be_loaded(scratch_db, store, 
     """A pg_restore that dies mid-data (here: a wrapper that stops after part of the stream) fails the restore with
     its message and drops the half-restored database."""
     m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
-    real = Path(PG.binary("pg_restore")).parent
-    d = tmp_path / "bin"
-    d.mkdir()
-    for tool in ("pg_dump", "psql"):
-        (d / tool).symlink_to(real / tool)
-    script = d / "pg_restore"  # the real one, cut off after 300 kB of a table's data, then an error
-    script.write_text(f'''#!/bin/sh
-case "$*" in
-  *--file=-*) "{real}/pg_restore" "$@" | head -c 300000; echo "pg_restore: error: simulated failure" >&2; exit 1 ;;
-  *) exec "{real}/pg_restore" "$@" ;;
-esac
-''')
-    script.chmod(0o755)
-    pg = PostgresResource(bin_dir=str(d))
+    # the real pg_restore, cut off after 300 kB of a table's data, then an error
+    pg = _wrapper_bin(tmp_path, '''case "$*" in
+  *--file=-*) "$REAL" "$@" | head -c 300000; echo "pg_restore: error: simulated failure" >&2; exit 1 ;;
+  *) exec "$REAL" "$@" ;;
+esac''', wrapped="pg_restore")
     target = f"f_{time.time_ns() % 10**8}"
     with pytest.raises(backups.BackupError) as err:
         backups.restore_into(pg, store, m, scratch_db, target, jobs=2, log=print)

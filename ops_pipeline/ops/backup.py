@@ -371,9 +371,9 @@ def switch_databases(postgres: PostgresResource, url: str, *, live: str, restore
     with postgres.connect(maint) as conn:
         conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(live)))
         try:
-            sessions = ("SELECT pid, usename FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+            sessions = ("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
                         "AND backend_type = 'client backend'")
-            for pid, _user in conn.execute(sessions, (live,)).fetchall():
+            for (pid,) in conn.execute(sessions, (live,)).fetchall():
                 try:
                     conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
                 except psycopg.errors.InsufficientPrivilege:
