@@ -10,7 +10,10 @@ and only a backup with a manifest exists.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
+import fcntl
 import hashlib
 import os
 import platform
@@ -23,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -31,8 +34,21 @@ import psycopg
 import zstandard
 from psycopg import sql
 
+from ops_pipeline.pg_archive import (
+    SECTION_DATA,
+    SECTION_POST_DATA,
+    ArchiveError,
+    ArchiveReader,
+    TocEntry,
+    UnsupportedArchive,
+)
 from ops_pipeline.redaction import Redactor
-from ops_pipeline.resources.backup_store import DUMP_NAME, MANIFEST_NAME, BackupStore, StoreError
+from ops_pipeline.resources.backup_store import (
+    DUMP_NAME,
+    MANIFEST_NAME,
+    BackupStore,
+    StoreError,
+)
 from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
 
 LogFn = Callable[[str], None]
@@ -263,23 +279,24 @@ def _discard(store: BackupStore, scope: str, backup_id: str) -> None:
 
 
 def stream_decompressed(store: BackupStore, scope: str, backup_id: str, sink, sha=None) -> int:
-    """Read a stored dump, feeding the sha256 of the stored bytes and writing decompressed bytes to `sink`."""
-    dctx = zstandard.ZstdDecompressor()
-    dobj = dctx.decompressobj()
-    n = 0
-    for chunk in store.read(scope, backup_id, DUMP_NAME):
-        n += len(chunk)
-        if sha is not None:
-            sha.update(chunk)
-        try:
-            out = dobj.decompress(chunk)
-        except zstandard.ZstdError as exc:
-            raise BackupError(f"backup {backup_id} is corrupted: zstd: {exc}") from None
-        if out:
-            sink(out)
-    if not dobj.eof:
-        raise BackupError("compressed stream is truncated (zstd frame incomplete)")
-    return n
+    """Read a stored dump, feeding the sha256 of the stored bytes and writing decompressed bytes to `sink`.
+    Returns the number of stored bytes."""
+    stored = _Counted(sha)
+    for out in decompressed(store, scope, backup_id, stored):
+        sink(out)
+    return stored.n
+
+
+class _Counted:
+    """Counts the bytes fed to a hash (if any) on their way."""
+
+    def __init__(self, sha=None) -> None:
+        self.sha, self.n = sha, 0
+
+    def update(self, data: bytes) -> None:
+        self.n += len(data)
+        if self.sha is not None:
+            self.sha.update(data)
 
 
 def verify_stored(store: BackupStore, postgres: PostgresResource, scope: str, backup_id: str, expected_sha: str,
@@ -445,143 +462,631 @@ def find_backup(store: BackupStore, scope: str, backup_id: str = "") -> dict:
 
 
 RESTORE_JOBS = 2  # connections; bench/backup.py --explore restore measures 1, 2 and 3
-# Tables the restore loads itself, frozen: the biggest, at most this many, each with at least this many rows and 1% of
-# all rows. Each one costs a pg_restore that reads the archive up to its data (a dump streamed to the store has no
-# data offsets), about 1.2 s per GB skipped: fine for a few big tables, not for hundreds of small ones.
-FREEZE_TABLES_MAX = 4
-FREEZE_MIN_ROWS = 10_000
-FREEZE_MIN_SHARE = 0.01
 RESTORE_OPTIONS = "-c maintenance_work_mem=512MB -c synchronous_commit=off"
+ROWS_IN_MEMORY = 256 << 20  # table rows a restore holds in memory ahead of its loaders; more wait in temp files
+# Foreign keys are checked when they are added (one anti-join of the two tables). The planner picks a hash join;
+# after a restore that loaded the tables frozen (all-visible), a merge join over index-only scans of the two
+# tables' indexes is several times cheaper (bench: order_items -> orders, 2.4M x 1M rows, 1.4-1.8 s hash vs
+# 0.3 s merge). Used only where the referencing columns lead an index (the referenced side always has one).
+FK_CHECK_SETTINGS = {"enable_hashjoin": "off"}
+_FK_DEFN = re.compile(r"^ALTER TABLE (?:ONLY )?(\S+)\s+ADD CONSTRAINT .*? FOREIGN KEY \(([^)]*)\) REFERENCES ", re.S)
+# What pg_restore sets on its connections before it runs any entry (pg_backup_archiver.c, _doSetFixedOutputState);
+# the archive's own ENCODING, STDSTRINGS and SEARCHPATH entries follow.
+SESSION_SETTINGS = ("SET statement_timeout = 0", "SET lock_timeout = 0", "SET idle_in_transaction_session_timeout = 0",
+                    "SET check_function_bodies = false", "SET xmloption = content", "SET client_min_messages = warning",
+                    "SET row_security = off")
+# Post-data entries (indexes, constraints) the restore schedules itself, each as soon as its tables are loaded;
+# everything else in post-data (triggers, rules, policies, materialized view data, comments...) goes to one
+# pg_restore at the end, in pg_restore's own order.
+EARLY_POST_DATA = ("INDEX", "CONSTRAINT", "FK CONSTRAINT", "CHECK CONSTRAINT")
+_COPY_END = b"\n\\.\n"
+_COPY_TABLE = re.compile(r'^COPY ((?:"(?:[^"]|"")*"|[^".\s]+)\.(?:"(?:[^"]|"")*"|[^".\s]+)) ')
+_RELATIONS = ("TABLE", "VIEW", "MATERIALIZED VIEW", "FOREIGN TABLE")
+
+
+def _copy_table(entry: TocEntry) -> str:
+    """The table a TABLE DATA entry's COPY statement loads, as pg_dump quotes it (the manifest's row-count key)."""
+    match = _COPY_TABLE.match(entry.copy_stmt)
+    if not match:
+        raise UnsupportedArchive(f"unexpected COPY statement in entry {entry.dump_id}: {entry.copy_stmt[:200]}")
+    return match.group(1)
+
+
+def decompressed(store: BackupStore, scope: str, backup_id: str, sha=None) -> Iterator[bytes]:
+    """The stored dump, decompressed, chunk by chunk; feeds `sha` with the stored bytes. Raises BackupError on a
+    corrupted or truncated zstd stream."""
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    for chunk in store.read(scope, backup_id, DUMP_NAME):
+        if sha is not None:
+            sha.update(chunk)
+        try:
+            out = dobj.decompress(chunk)
+        except zstandard.ZstdError as exc:
+            raise BackupError(f"backup {backup_id} is corrupted: zstd: {exc}") from None
+        if out:
+            yield out
+    if not dobj.eof:
+        raise BackupError("compressed stream is truncated (zstd frame incomplete)")
 
 
 def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict, url: str, target_db: str, *,
                  jobs: int = RESTORE_JOBS, log: LogFn, redactor: Redactor | None = None) -> dict:
     """Create `target_db` (must not exist) and restore the backup into it, `jobs` connections at a time.
 
-    Phases: decompress to a temp file (sha256 checked), pre-data (`pg_restore --section=pre-data`), the biggest
-    tables' data by our own loader (below), the rest of the data section (smaller tables, sequence values, large
-    objects) and post-data (indexes, constraints) by `pg_restore -j`, then ANALYZE of every table, biggest first,
-    in parallel.
+    The stored dump is read once, as a stream (`_StreamedRestore`): its TOC first, then its table data, which
+    is decompressed, cut into tables and loaded while the rest is still being read. Each table is loaded with
+    `COPY ... WITH (FREEZE)` after a TRUNCATE in the same transaction, which PostgreSQL allows because the
+    table is new: rows land frozen and marked all-visible, so index builds and ANALYZE do not set hint bits on
+    every page (with data checksums each first touch after a checkpoint also writes a full page to WAL), foreign
+    key checks can use index-only scans, and the first VACUUM (or autovacuum on the live database after a
+    switch-over) has nothing to do (bench/backup.py: 0.16 s and 1 MB of WAL after ours, 1.2-1.8 s and 560-760 MB
+    after the seed's restore). An index or constraint is built as soon as its tables are loaded, and a table is
+    analyzed as soon as its indexes are built, on the same `jobs` connections. `pg_restore -j` can do none of
+    this with a streamed dump: it creates and loads a table in different transactions, and without data offsets
+    it reads the archive from the start for every table.
 
-    The loader streams a table's COPY data out of `pg_restore` into `COPY ... WITH (FREEZE)` after a TRUNCATE in
-    the same transaction, which PostgreSQL allows because the table is new. Rows then land frozen and marked
-    visible: index builds and ANALYZE do not set hint bits on every page (with data checksums each such first
-    touch after a checkpoint also writes a full page to WAL), and the first VACUUM, or the first autovacuum on
-    the live database after a switch-over, has nothing to do (bench/backup.py, 1 GB: 0.16 s and 1 MB of WAL after
-    ours, 1.2-1.4 s and 560-620 MB after the seed's restore). `pg_restore -j` cannot do this: it creates a table and
-    loads it in different transactions.
+    An archive this path does not handle (large objects, another pg_dump format or version) is restored by
+    `pg_restore -j` from a decompressed temp file instead (`_restore_from_file`). The sha256 of the stored bytes
+    is checked either way; a restore that fails for any reason drops the database it created.
     """
     redact = redactor or Redactor()
-    info = ConnInfo.parse(url)
     jobs = max(1, jobs)
     if postgres.database_exists(url, target_db):
         raise BackupError(f"database {target_db!r} already exists; a restore only ever goes into a new database")
     t0 = time.monotonic()
     tmpdir = tempfile.mkdtemp(prefix="ops-restore-")
-    path = os.path.join(tmpdir, "dump.pgc")
     sha = hashlib.sha256()
-    phases: dict[str, float] = {}
-    created = False
+    created: list[bool] = []
     try:
-        with open(path, "wb") as f:
-            stream_decompressed(store, manifest["scope"], manifest["id"], f.write, sha)
-        if sha.hexdigest() != manifest["sha256"]:
-            raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {sha.hexdigest()[:16]}… "
-                              f"!= manifest {manifest['sha256'][:16]}…")
-        phases["fetch_s"] = time.monotonic() - t0
-        with postgres.connect(url) as conn:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
-        created = True
-        target_url = info.url(target_db)
-        env = postgres.tool_env(url, target_db)
-        env["PGOPTIONS"] = RESTORE_OPTIONS
-        base = [postgres.binary("pg_restore"), "--exit-on-error", "--no-owner", "--no-privileges"]
-
-        def start_pg_restore(*args: str) -> subprocess.Popen:
-            return subprocess.Popen([*base, *args, "--dbname", target_db, path], env=env, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, text=True)
-
-        def finish(proc: subprocess.Popen) -> None:
-            _, err = proc.communicate()
-            if proc.returncode != 0:
-                raise BackupError(f"pg_restore {' '.join(proc.args[len(base):-3])} into {target_db} failed: "
-                                  f"{redact(err.strip()[-1500:])}")
-
-        def pg_restore(*args: str) -> None:
-            finish(start_pg_restore(*args))
-
-        toc = subprocess.run([postgres.binary("pg_restore"), "--list", path], capture_output=True, text=True)
-        if toc.returncode != 0:
-            raise BackupError(f"pg_restore --list failed: {redact(toc.stderr.strip()[-500:])}")
-        entries = [line for line in toc.stdout.splitlines() if line and not line.startswith(";")]
-        rows = manifest.get("table_counts", {})
-        floor = max(FREEZE_MIN_ROWS, sum(rows.values()) * FREEZE_MIN_SHARE)
-        frozen = sorted((line for line in entries if " TABLE DATA " in line and rows.get(_toc_table(line), 0) >= floor),
-                        key=lambda line: -rows.get(_toc_table(line), 0))[:FREEZE_TABLES_MAX]  # biggest first
-        rest_list = os.path.join(tmpdir, "rest.list")
-        with open(rest_list, "w") as f:
-            f.writelines((";" if line in frozen else "") + line + "\n" for line in entries)
-
-        t = time.monotonic()
-        pg_restore("--section=pre-data")
-        phases["pre_data_s"] = time.monotonic() - t
-        t = time.monotonic()
-        # The big tables on the loader's connections and, beside them, everything else in the data section
-        # (smaller tables, sequence values, large objects) on the connections left: `jobs` in all.
-        loader_jobs = min(jobs, len(frozen))
-        rest = start_pg_restore("--section=data", f"--use-list={rest_list}", f"--jobs={max(1, jobs - loader_jobs)}")
+        reader = ArchiveReader(decompressed(store, manifest["scope"], manifest["id"], sha))
         try:
-            _load_table_data(postgres, base[0], path, tmpdir, frozen, target_url, jobs=max(1, loader_jobs), redact=redact)
-        except BaseException:
-            rest.kill()
-            rest.communicate()
-            raise
-        finish(rest)
-        phases["data_s"] = time.monotonic() - t
-        t = time.monotonic()
-        pg_restore("--section=post-data", f"--jobs={jobs}")
-        phases["post_data_s"] = time.monotonic() - t
-        t = time.monotonic()
-        _analyze_all(postgres, target_url, jobs)
-        phases["analyze_s"] = time.monotonic() - t
+            reader.read_toc()
+            restore = _StreamedRestore(postgres, url, target_db, reader, tmpdir, jobs=jobs, redact=redact,
+                                       created=created, rows=manifest.get("table_counts", {}))
+        except UnsupportedArchive as why:
+            log(f"restore by pg_restore from a temp file: {why}")
+            phases = _restore_from_file(postgres, url, target_db, reader.replay(), tmpdir, jobs=jobs, redact=redact,
+                                        created=created, sha=sha, manifest=manifest)
+        except ArchiveError as exc:
+            raise BackupError(f"backup {manifest['id']} is not a readable archive: {exc}") from None
+        else:
+            try:
+                phases = restore.run()
+            except BackupError as exc:  # rows that do not load may be a corrupted backup: say so if it is
+                stored = _stored_sha256(store, manifest)
+                if stored != manifest["sha256"]:
+                    raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {stored[:16]}… != manifest "
+                                      f"{manifest['sha256'][:16]}… (the restore stopped at: {exc})") from None
+                raise
+            if sha.hexdigest() != manifest["sha256"]:
+                raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {sha.hexdigest()[:16]}… "
+                                  f"!= manifest {manifest['sha256'][:16]}…")
     except BaseException:
         if created:  # only what this restore created: a database of that name made meanwhile by someone else stays
             drop_database(postgres, url, target_db)
         raise
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    restore_s = sum(v for k, v in phases.items() if k != "fetch_s")
-    log(f"restored {manifest['id']} into {target_db} with {jobs} connections: fetch+check {phases['fetch_s']:.1f} s, "
-        + ", ".join(f"{k.removesuffix('_s').replace('_', '-')} {v:.1f} s" for k, v in phases.items() if k != "fetch_s"))
-    return {**{k: round(v, 3) for k, v in phases.items()}, "restore_s": round(restore_s, 3), "jobs": jobs,
-            "tables_loaded_frozen": [_toc_table(line) for line in frozen], "total_s": round(time.monotonic() - t0, 3)}
+    total = time.monotonic() - t0
+    log(f"restored {manifest['id']} into {target_db} with {jobs} connections in {total:.1f} s: "
+        + ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f} s" for k, v in phases.items() if k.endswith("_s")))
+    return {**phases, "jobs": jobs, "restore_s": round(total, 3), "total_s": round(total, 3)}
 
 
-def _toc_table(line: str) -> str:
-    """'3345; 0 16390 TABLE DATA public events app' -> 'public.events', the manifest's key (quote_ident'ed parts)."""
-    words = line.split(" TABLE DATA ", 1)[1].split(" ") if " TABLE DATA " in line else []
-    if len(words) < 3:
-        return ""
-    schema, name = words[0], " ".join(words[1:-1])  # the last word is the owner; a name may contain spaces
+def fk_check_settings(conn: psycopg.Connection, defn: str) -> dict[str, str]:
+    """Planner settings for adding the foreign key `defn` (`ALTER TABLE ... ADD CONSTRAINT ... FOREIGN KEY`):
+    FK_CHECK_SETTINGS when the referencing columns lead one of the table's indexes, else none."""
+    match = _FK_DEFN.match(defn.strip())
+    if not match:
+        return {}
+    table = match.group(1)
+    columns = [c.strip() for c in match.group(2).split(",")]
+    columns = [c[1:-1].replace('""', '"') if c.startswith('"') else c for c in columns]
+    leading = conn.execute(
+        """SELECT array_agg(a.attname::text ORDER BY k.n) FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum  -- NULL: an expression
+            WHERE i.indrelid = to_regclass(%s) AND i.indpred IS NULL AND k.n <= i.indnkeyatts
+            GROUP BY i.indexrelid""", (table,)).fetchall()
+    return dict(FK_CHECK_SETTINGS) if any(cols[: len(columns)] == columns for (cols,) in leading) else {}
 
-    def quote(ident: str) -> str:
-        return ident if re.fullmatch(r"[a-z_][a-z0-9_$]*", ident) else '"' + ident.replace('"', '""') + '"'
 
-    return f"{quote(schema)}.{quote(name)}"
+def _stored_sha256(store: BackupStore, manifest: dict) -> str:
+    sha = hashlib.sha256()
+    try:
+        for chunk in store.read(manifest["scope"], manifest["id"], DUMP_NAME):
+            sha.update(chunk)
+    except StoreError as exc:
+        return f"unreadable ({exc})"
+    return sha.hexdigest()
 
 
-_COPY_END = b"\n\\.\n"
+def _create_database(postgres: PostgresResource, url: str, target_db: str, created: list[bool]) -> None:
+    with postgres.connect(url) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target_db)))
+    created.append(True)
+
+
+def _pg_restore_runner(postgres: PostgresResource, url: str, target_db: str, archive: str, redact: Redactor):
+    """A function that runs pg_restore with some arguments on `archive` into `target_db` and raises BackupError
+    with its message when it fails."""
+    env = postgres.tool_env(url, target_db)
+    base = [postgres.binary("pg_restore"), "--exit-on-error", "--no-owner", "--no-privileges"]
+
+    def pg_restore(*args: str, options: str = "") -> None:
+        proc = subprocess.run([*base, *args, "--dbname", target_db, archive], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env={**env, "PGOPTIONS": RESTORE_OPTIONS + options})
+        if proc.returncode != 0:
+            raise BackupError(f"pg_restore {' '.join(args)} into {target_db} failed: {redact(proc.stderr.strip()[-1500:])}")
+
+    return pg_restore
+
+
+def _restore_from_file(postgres: PostgresResource, url: str, target_db: str, chunks: Iterator[bytes], tmpdir: str, *,
+                       jobs: int, redact: Redactor, created: list[bool], sha, manifest: dict) -> dict:
+    """The archive to a temp file (sha256 checked), then `pg_restore -j` and ANALYZE."""
+    t = time.monotonic()
+    path = os.path.join(tmpdir, "dump.pgc")
+    with open(path, "wb") as f:
+        f.writelines(chunks)
+    if sha.hexdigest() != manifest["sha256"]:
+        raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {sha.hexdigest()[:16]}… "
+                          f"!= manifest {manifest['sha256'][:16]}…")
+    phases = {"fetch_s": time.monotonic() - t}
+    _create_database(postgres, url, target_db, created)
+    t = time.monotonic()
+    _pg_restore_runner(postgres, url, target_db, path, redact)(f"--jobs={jobs}")
+    phases["pg_restore_s"] = time.monotonic() - t
+    t = time.monotonic()
+    _analyze_all(postgres, ConnInfo.parse(url).url(target_db), jobs)
+    phases["analyze_s"] = time.monotonic() - t
+    return {k: round(v, 3) for k, v in phases.items()} | {"path": "pg_restore"}
+
+
+@dataclass
+class _Task:
+    name: str
+    run: Callable[[Callable[[], psycopg.Connection]], None]
+    needs: set[str]  # task names that must be done first
+    locks: frozenset[int]  # tables (dump ids) it locks: tasks sharing one do not run at the same time, unless
+    shared: bool = False  # both only take SHARE locks (CREATE INDEX): those may
+    rank: tuple = ()  # lower starts first
+    ready: Callable[[], bool] = lambda: True
+
+
+class _Budget:
+    """Bytes of table rows the restore may hold in memory, shared by all its spools."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self.lock:
+            if self.left < n:
+                return False
+            self.left -= n
+            return True
+
+    def give(self, n: int) -> None:
+        with self.lock:
+            self.left += n
+
+
+class _Spool:
+    """One table's COPY rows as they arrive, for a loader that may run behind the splitter: in memory while the
+    restore's budget allows, in a file after that (once spilled, the rest of the table follows in the file)."""
+
+    def __init__(self, path: str, budget: _Budget) -> None:
+        self.path, self.budget = path, budget
+        self.blocks: collections.deque[bytes] = collections.deque()
+        self.spilled = False
+        self.file_size = 0
+        self.started = False
+        self.done = False
+        self.cond = threading.Condition()
+        self._fd: int | None = None
+
+    def write(self, data: bytes) -> None:
+        if not self.spilled and self.budget.take(len(data)):
+            with self.cond:
+                self.blocks.append(data)
+                self.started = True
+                self.cond.notify_all()
+            return
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(self._fd, data)
+        with self.cond:
+            self.spilled = self.started = True
+            self.file_size += len(data)
+            self.cond.notify_all()
+
+    def finish(self) -> None:
+        self.close()
+        with self.cond:
+            self.started = self.done = True
+            self.cond.notify_all()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+
+    def chunks(self, failed: threading.Event) -> Iterator[bytes]:
+        """The rows in order, as they come; raises BackupError("stopped: ...") once `failed` is set."""
+        f, pos = None, 0
+        try:
+            while True:
+                with self.cond:
+                    while not (self.blocks or pos < self.file_size or self.done or failed.is_set()):
+                        self.cond.wait(0.5)
+                    if failed.is_set():
+                        raise BackupError("stopped: another part of the restore failed")
+                    block = self.blocks.popleft() if self.blocks else None
+                    size, done = self.file_size, self.done
+                if block is not None:
+                    self.budget.give(len(block))
+                    yield block
+                elif pos < size:
+                    if f is None:
+                        f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed below
+                    while pos < size:
+                        data = f.read(min(CHUNK, size - pos))
+                        pos += len(data)
+                        yield data
+                elif done:
+                    return
+        finally:
+            if f is not None:
+                f.close()
+                os.unlink(self.path)
+
+
+class _StreamedRestore:
+    """One pass over the archive:
+
+    - pre-data first: `pg_restore --section=pre-data` of the header+TOC file (definitions live in the TOC);
+    - a feeder thread decompresses the stored dump into `pg_restore --data-only --file=-` (which turns the
+      archive's one-chunk-per-row data blocks into plain COPY text, at C speed), and a splitter thread cuts that
+      text into one spool per table (in memory up to ROWS_IN_MEMORY, then in temp files);
+    - `jobs` worker threads, each with one connection, run tasks as their inputs become ready, loads first: load
+      a table (its rows have started to arrive), build an index or add a constraint (its definition from the
+      TOC, once the tables it depends on are loaded), ANALYZE a table (once its indexes and constraints are
+      in), sequence values (`pg_restore` of those entries). Tasks on one table never overlap, except index
+      builds, which take compatible locks;
+    - then the post-data entries left (triggers, comments, materialized view data, partition index attachments,
+      anything that depends on them) go to one `pg_restore -j` in pg_restore's own order, and what has no
+      statistics yet (partitioned parents, materialized views) is analyzed.
+    """
+
+    def __init__(self, postgres: PostgresResource, url: str, target_db: str, reader: ArchiveReader, tmpdir: str, *,
+                 jobs: int, redact: Redactor, created: list[bool], rows: dict[str, int]) -> None:
+        self.postgres, self.url, self.target_db, self.reader = postgres, url, target_db, reader
+        self.tmpdir, self.jobs, self.redact, self.created = tmpdir, jobs, redact, created
+        self.target_url = ConnInfo.parse(url).url(target_db)
+        entries = reader.entries
+        self.by_id = {e.dump_id: e for e in entries}
+        for e in entries:
+            if e.had_dumper and not (e.desc == "TABLE DATA" and e.copy_stmt.startswith("COPY ")):
+                raise UnsupportedArchive(f"entry {e.dump_id} ({e.desc} {e.tag}) has data this path does not load")
+        self.data = [e for e in entries if e.desc == "TABLE DATA" and e.had_dumper]
+        self.table_of_data = {e.dump_id: next((d for d in e.deps if self.by_id.get(d) and self.by_id[d].desc != "TABLE DATA"),
+                                              e.dump_id) for e in self.data}
+        self.data_of_table = {t: d for d, t in self.table_of_data.items()}
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.toc_path = os.path.join(tmpdir, "toc.pgc")
+        self.settings = [e.defn for e in entries if e.desc in ("ENCODING", "STDSTRINGS", "SEARCHPATH") and e.defn]
+        self.analyzed: set[str] = set()
+        budget = _Budget(ROWS_IN_MEMORY)
+        self.spools = {e.dump_id: _Spool(os.path.join(tmpdir, f"data-{e.dump_id}.copy"), budget) for e in self.data}
+        self.tasks = self._tasks(self.spools, {e.dump_id: rows.get(_copy_table(e), 0) for e in self.data})
+
+    # -- the plan -------------------------------------------------------------------------------------
+    def _tasks(self, spools: dict[int, _Spool], rows: dict[int, int]) -> list[_Task]:
+        entries = self.reader.entries
+        tasks: list[_Task] = []
+        early: dict[int, frozenset[int]] = {}  # post-data entry -> tables it locks
+
+        def load(dump_id: int) -> str:
+            return f"loading {_copy_table(self.by_id[dump_id])}"
+
+        def entry(dump_id: int) -> str:
+            return f"{self.by_id[dump_id].desc} {self.by_id[dump_id].tag}"
+
+        def settled(d: int) -> bool:  # a dependency that is done once its tables are loaded and its early entries run
+            dep = self.by_id.get(d)
+            if dep is None or d in self.data_of_table or d in early:
+                return True
+            # a table without data of its own (a partitioned parent...), a view, a post-data entry left for the end
+            return dep.section != SECTION_POST_DATA and dep.desc not in _RELATIONS
+
+        for e in entries:  # in TOC order: an entry's dependencies come before it
+            if e.section == SECTION_POST_DATA and e.desc in EARLY_POST_DATA and all(settled(d) for d in e.deps):
+                early[e.dump_id] = frozenset(
+                    {d for d in e.deps if d in self.data_of_table}
+                    | {t for d in e.deps if d in early for t in early[d]})
+        for e in self.data:
+            table = self.table_of_data[e.dump_id]
+            # loads first, in archive order (the order their rows arrive in)
+            tasks.append(_Task(load(e.dump_id), self._loader(e, spools[e.dump_id]), set(), frozenset({table}),
+                               rank=(0, len(tasks)), ready=lambda s=spools[e.dump_id]: s.started))
+        for dump_id, locks in early.items():
+            e = self.by_id[dump_id]
+            needs = {load(self.data_of_table[d]) for d in e.deps if d in self.data_of_table}
+            needs |= {entry(d) for d in e.deps if d in early}
+            if e.desc == "FK CONSTRAINT":  # after its tables' indexes, as in pg_restore: the check may use them
+                needs |= {entry(d) for d, on in early.items() if on & locks and self.by_id[d].desc != "FK CONSTRAINT"}
+            # then the biggest tables' indexes and constraints: the longest chains of work after the last load
+            weight = max((rows.get(self.data_of_table[t], 0) for t in locks), default=0)
+            tasks.append(_Task(entry(dump_id), self._ddl(e), needs, locks, shared=e.desc == "INDEX",
+                               rank=(1, -weight, e.desc != "CONSTRAINT")))
+        for e in self.data:
+            table = self.table_of_data[e.dump_id]
+            needs = {load(e.dump_id)} | {entry(d) for d, locks in early.items() if table in locks}
+            tasks.append(_Task(f"ANALYZE {_copy_table(e)}", self._analyzer(_copy_table(e)), needs, frozenset({table}),
+                               rank=(1, -rows.get(e.dump_id, 0), True)))
+        misc = [e for e in entries if e.section == SECTION_DATA and not e.had_dumper and e.desc != "TABLE DATA"]
+        if misc:  # sequence values and the like: definitions in the TOC, no data blocks
+            tasks.append(_Task("data entries without data blocks", self._pg_restore_entries(misc, "data"),
+                               set(), frozenset(), rank=(0, -1)))
+        self.early = set(early)
+        return tasks
+
+    # -- task bodies ----------------------------------------------------------------------------------
+    def _pg_restore_entries(self, entries: list[TocEntry], section: str):
+        pg_restore = _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)
+
+        def run(_conn) -> None:
+            listing = os.path.join(self.tmpdir, f"entries-{entries[0].dump_id}.list")
+            with open(listing, "w") as f:
+                f.writelines(e.list_line() + "\n" for e in entries)
+            pg_restore(f"--section={section}", f"--use-list={listing}")
+
+        return run
+
+    def _ddl(self, entry: TocEntry):
+        """An index or constraint entry, run as pg_restore would run it (its definition, in its tablespace), on the
+        worker's connection: no process and no new backend per entry."""
+        def run(conn_factory) -> None:
+            conn = conn_factory()
+            settings = fk_check_settings(conn, entry.defn) if entry.desc == "FK CONSTRAINT" else {}
+            cur = psycopg.ClientCursor(conn)  # simple query protocol: a definition may hold several statements
+            cur.execute(sql.SQL("SET default_tablespace = {}").format(
+                sql.Identifier(entry.tablespace) if entry.tablespace else sql.Literal("")))
+            for name, value in settings.items():
+                cur.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+            cur.execute(entry.defn)
+            for name in settings:
+                cur.execute(sql.SQL("RESET {}").format(sql.Identifier(name)))
+
+        return run
+
+    def _loader(self, entry: TocEntry, spool: _Spool):
+        copy_stmt = entry.copy_stmt.strip().removesuffix(";")
+        table = _copy_table(entry)
+
+        def run(conn_factory) -> None:
+            conn = conn_factory()
+            with conn.transaction():
+                kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+                freeze = kind is not None and kind[0] == "r"
+                if freeze:  # a table truncated in this transaction may be loaded frozen
+                    conn.execute(f"TRUNCATE ONLY {table}")
+                with conn.cursor().copy(copy_stmt + (" WITH (FREEZE)" if freeze else "")) as copy:
+                    for block in spool.chunks(self.failed):
+                        copy.write(block)
+
+        return run
+
+    def _analyzer(self, table: str):
+        def run(conn_factory) -> None:
+            conn_factory().execute(f"ANALYZE {table}")
+            self.analyzed.add(table)
+
+        return run
+
+    # -- the stream -----------------------------------------------------------------------------------
+    def _feed(self, proc: subprocess.Popen) -> None:
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(self.reader.prefix)
+            for chunk in self.reader.rest():
+                if self.failed.is_set():
+                    break
+                proc.stdin.write(chunk)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # pg_restore stopped reading: the splitter reports why
+        except BaseException as exc:
+            self._fail(exc)
+            proc.kill()
+
+    def _split(self, proc: subprocess.Popen, spools: list[_Spool], err: list[str], err_thread: threading.Thread) -> None:
+        """Cut pg_restore's plain-text output (settings, then per table `COPY ... FROM stdin;`, rows, the end
+        marker) into the spools, in order."""
+        out = proc.stdout
+        assert out is not None
+        buf, eof, i, spool, at_start = b"", False, 0, None, False
+
+        def failure(what: str) -> BackupError:
+            rc = proc.wait()
+            err_thread.join(5)
+            return BackupError(f"pg_restore reading the archive's data failed ({what}; exit {rc}): "
+                               f"{self.redact(' | '.join(err[-5:]))}")
+
+        try:
+            while True:
+                if spool is None:  # between tables: look for the next COPY line
+                    nl = buf.find(b"\n")
+                    if nl < 0:
+                        if eof:
+                            break
+                        block = out.read(CHUNK)
+                        eof, buf = not block, buf + block
+                        continue
+                    line, buf = buf[:nl], buf[nl + 1:]
+                    if line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
+                        if i >= len(spools) or line.decode() != self.data[i].copy_stmt.strip():
+                            raise BackupError(f"unexpected COPY statement from pg_restore: {line[:200]!r}")
+                        spool, at_start, i = spools[i], True, i + 1
+                    continue
+                # in a table's rows: the end marker is a line of its own (no newline before it at the very start)
+                if at_start and len(buf) < 3 and not eof:
+                    block = out.read(CHUNK)
+                    eof, buf = not block, buf + block
+                    continue
+                if at_start and buf.startswith(b"\\.\n"):
+                    spool.finish()
+                    buf, spool = buf[3:], None
+                    continue
+                end = buf.find(_COPY_END)
+                if end >= 0:
+                    spool.write(buf[: end + 1])
+                    spool.finish()
+                    buf, spool = buf[end + len(_COPY_END):], None
+                    continue
+                if eof:
+                    raise failure(f"the rows of {_copy_table(self.data[i - 1])} end without the end marker")
+                cut = len(buf) - (len(_COPY_END) - 1)
+                if cut > 0:
+                    spool.write(buf[:cut])
+                    buf, at_start = buf[cut:], False
+                block = out.read(CHUNK)
+                eof, buf = not block, buf + block
+            if proc.wait() != 0 or i != len(spools):
+                raise failure(f"{i} of {len(spools)} tables")
+        except BaseException as exc:
+            self._fail(exc)
+            proc.kill()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self.lock:
+            self.errors.append(exc)
+        self.failed.set()
+
+    # -- the run --------------------------------------------------------------------------------------
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        spools = self.spools
+        with open(self.toc_path, "wb") as f:
+            f.write(self.reader.prefix)
+        _create_database(self.postgres, self.url, self.target_db, self.created)
+        phases = {}
+        _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)("--section=pre-data")
+        phases["pre_data_s"] = time.monotonic() - t0
+        listing = os.path.join(self.tmpdir, "data.list")
+        with open(listing, "w") as f:
+            f.writelines(e.list_line() + "\n" for e in self.data)
+        proc = subprocess.Popen([self.postgres.binary("pg_restore"), "--data-only", f"--use-list={listing}", "--file=-"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for pipe in (proc.stdin, proc.stdout):  # fewer, larger pipe transfers (Linux; the default is 64 kB)
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        err: list[str] = []
+        err_thread = _stderr_reader(proc, err)
+        threads = [threading.Thread(target=self._feed, args=(proc,), daemon=True),
+                   threading.Thread(target=self._split, args=(proc, [spools[e.dump_id] for e in self.data], err, err_thread),
+                                    daemon=True)]
+        for t in threads:
+            t.start()
+        try:
+            self._schedule(self.tasks)
+        finally:
+            if self.failed.is_set():
+                proc.kill()
+            for t in threads:
+                t.join()
+            err_thread.join(5)
+            for spool in spools.values():
+                spool.close()
+        if self.errors:
+            raise next((e for e in self.errors if not str(e).startswith("stopped:")), self.errors[0])
+        phases["data_indexes_constraints_s"] = time.monotonic() - t0 - phases["pre_data_s"]
+        t = time.monotonic()
+        rest = [e for e in self.reader.entries if e.dump_id not in self.early]
+        if any(e.section == SECTION_POST_DATA for e in rest):
+            listing = os.path.join(self.tmpdir, "post-data-rest.list")
+            with open(listing, "w") as f:
+                f.writelines(e.list_line() + "\n" for e in rest)
+            _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)(
+                "--section=post-data", f"--use-list={listing}", f"--jobs={self.jobs}")
+        phases["other_post_data_s"] = time.monotonic() - t
+        t = time.monotonic()
+        _analyze_all(self.postgres, self.target_url, self.jobs, skip=self.analyzed)
+        phases["analyze_rest_s"] = time.monotonic() - t
+        return {k: round(v, 3) for k, v in phases.items()} | {"path": "streamed", "tables_loaded": len(self.data)}
+
+    def _schedule(self, tasks: list[_Task]) -> None:
+        """Run every task on `jobs` threads: each takes the first task (by rank) whose needs are done, whose input
+        is ready and whose tables no running task locks (two index builds on one table may run together)."""
+        cond = threading.Condition()
+        pending = sorted(tasks, key=lambda task: task.rank)
+        done: set[str] = set()
+        running: list[_Task] = []
+
+        def free(task: _Task) -> bool:
+            return all(not (task.locks & other.locks) or (task.shared and other.shared) for other in running)
+
+        def take() -> _Task | None:
+            with cond:
+                while pending and not self.failed.is_set():
+                    for task in pending:
+                        if task.needs <= done and free(task) and task.ready():
+                            pending.remove(task)
+                            running.append(task)
+                            return task
+                    cond.wait(0.05)  # also woken when a task finishes; a spool that starts is seen within 50 ms
+                return None
+
+        def worker() -> None:
+            conn: psycopg.Connection | None = None
+
+            def connection() -> psycopg.Connection:
+                nonlocal conn
+                if conn is None:
+                    conn = self.postgres.connect(self.target_url, autocommit=True, options=RESTORE_OPTIONS)
+                    cur = psycopg.ClientCursor(conn)
+                    for stmt in (*SESSION_SETTINGS, *self.settings):  # + client_encoding, std strings, search_path
+                        cur.execute(stmt)
+                return conn
+
+            try:
+                while (task := take()) is not None:
+                    try:
+                        task.run(connection)
+                    except psycopg.Error as exc:
+                        self._fail(BackupError(f"{task.name} failed: {self.redact(str(exc).strip()[:1500])}"))
+                        return
+                    except BaseException as exc:
+                        self._fail(exc)
+                        return
+                    with cond:
+                        done.add(task.name)
+                        running.remove(task)
+                        cond.notify_all()
+            finally:
+                if conn is not None:
+                    conn.close()
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            for future in [pool.submit(worker) for _ in range(self.jobs)]:
+                future.result()
+        if pending and not self.failed.is_set():
+            self._fail(BackupError(f"restore tasks that could never start: {', '.join(t.name for t in pending)}"))
 
 
 def _on_connections(postgres: PostgresResource, url: str, items: list, work: Callable[[psycopg.Connection, object], None],
-                    *, jobs: int, failed: threading.Event | None = None, **connect_kw) -> None:
+                    *, jobs: int, **connect_kw) -> None:
     """Run `work(conn, item)` for every item, in order, on `jobs` connections (one per thread, each taking the next
-    item). The first failure sets `failed` (work in progress may watch it), stops the others from taking more and
-    is raised (before any "stopped: ..." error it caused)."""
+    item). The first failure stops the others from taking more and is raised."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for item in items:
         todo.put(item)
-    failed = failed or threading.Event()
+    failed = threading.Event()
 
     def worker() -> None:
         with postgres.connect(url, autocommit=True, **connect_kw) as conn:
@@ -600,120 +1105,20 @@ def _on_connections(postgres: PostgresResource, url: str, items: list, work: Cal
         futures = [pool.submit(worker) for _ in range(min(max(1, jobs), max(1, len(items))))]
         errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
-        raise next((e for e in errors if not str(e).startswith("stopped:")), errors[0])
+        raise errors[0]
 
 
-def _load_table_data(postgres: PostgresResource, pg_restore: str, path: str, tmpdir: str, entries: list[str],
-                     target_url: str, *, jobs: int, redact: Redactor) -> None:
-    """Load each TABLE DATA entry on one of `jobs` connections: TRUNCATE + COPY FREEZE in one transaction."""
-    stop = threading.Event()  # set when any table fails: the others abandon their COPY
-
-    def load(conn: psycopg.Connection, item: tuple[int, str]) -> None:
-        i, entry = item
-        one = os.path.join(tmpdir, f"entry-{i}.list")
-        with open(one, "w") as f:
-            f.write(entry + "\n")
-        proc = subprocess.Popen([pg_restore, f"--use-list={one}", "--file=-", path], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
-        err: list[str] = []
-        reader = _stderr_reader(proc, err)
-        out = proc.stdout
-        assert out is not None
-
-        def failure() -> BackupError:
-            return BackupError(f"pg_restore of entry {entry.split(';')[0]} failed: {redact(' | '.join(err[-5:]))}")
-
-        try:
-            _copy_entry(conn, out, stop)
-            while out.read(CHUNK):  # the rest of pg_restore's output (comments)
-                pass
-        except BaseException as exc:
-            exited_by_itself = proc.poll() is not None or _wait_briefly(proc)
-            if not exited_by_itself:
-                proc.kill()
-            rc = proc.wait()
-            reader.join(5)
-            if exited_by_itself and rc != 0:  # pg_restore's own error is the cause, not the cut stream
-                raise failure() from exc
-            raise
-        rc = proc.wait()
-        reader.join(5)
-        if rc != 0:
-            raise failure()
-
-    try:
-        _on_connections(postgres, target_url, list(enumerate(entries)), load, jobs=jobs, failed=stop,
-                        options=RESTORE_OPTIONS)
-    except psycopg.Error as exc:
-        raise BackupError(f"loading table data failed: {redact(str(exc).splitlines()[0])}") from exc
-
-
-def _wait_briefly(proc: subprocess.Popen, seconds: float = 1.0) -> bool:
-    try:
-        proc.wait(seconds)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
-
-
-_COPY_TABLE = re.compile(r'^COPY ((?:"(?:[^"]|"")*"|[^".\s]+)\.(?:"(?:[^"]|"")*"|[^".\s]+)) ')
-
-
-def _copy_entry(conn: psycopg.Connection, out, failed: threading.Event) -> None:
-    """Feed one entry's plain-text output of pg_restore (settings, `COPY ... FROM stdin;`, rows, the end marker)."""
-    settings, copy_stmt = [], ""
-    for raw in iter(out.readline, b""):
-        line = raw.decode()
-        if line.startswith("COPY ") and line.rstrip().endswith("FROM stdin;"):
-            copy_stmt = line.rstrip().removesuffix(";")
-            break
-        if line.startswith(("SET ", "SELECT pg_catalog.set_config(")):
-            settings.append(line)
-    if not copy_stmt:  # nothing to load
-        return
-    match = _COPY_TABLE.match(copy_stmt)
-    if not match:
-        raise BackupError(f"unexpected COPY statement in the backup: {copy_stmt[:200]}")
-    table = match.group(1)
-    with conn.transaction():
-        for stmt in settings:
-            conn.execute(stmt)
-        kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
-        freeze = kind is not None and kind[0] == "r"
-        if freeze:  # a table truncated in this transaction may be loaded frozen
-            conn.execute(f"TRUNCATE ONLY {table}")
-        with conn.cursor().copy(copy_stmt + (" WITH (FREEZE)" if freeze else "")) as copy:
-            pending, sent = b"", False  # bytes read but not sent yet: never more than the end marker minus one
-            while True:
-                if failed.is_set():
-                    raise BackupError("stopped: another table failed")
-                block = out.read(CHUNK)
-                # The end marker is a line of its own; at the very start of the data no newline precedes it.
-                head = b"" if sent else b"\n"
-                buf = head + pending + block
-                end = buf.find(_COPY_END)
-                if end >= 0:
-                    rows = buf[len(head) : end + 1]
-                    if rows:
-                        copy.write(rows)
-                    break
-                if not block:
-                    raise BackupError(f"the COPY data of {table} ended without its end marker")
-                cut = max(len(head), len(buf) - (len(_COPY_END) - 1))
-                rows, pending = buf[len(head) : cut], buf[cut:]
-                if rows:
-                    copy.write(rows)
-                    sent = True
-
-
-def _analyze_all(postgres: PostgresResource, target_url: str, jobs: int) -> None:
-    """ANALYZE every table of the restored database, biggest first, on `jobs` connections."""
+def _analyze_all(postgres: PostgresResource, target_url: str, jobs: int, skip: set[str] = frozenset()) -> None:
+    """ANALYZE every table of the restored database (but `skip`), biggest first, on `jobs` connections."""
     with postgres.connect(target_url) as conn:
         tables = [r[0] for r in conn.execute(
-            """SELECT c.oid::regclass::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            """SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
                 WHERE c.relkind IN ('r', 'm', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
-                  AND n.nspname NOT LIKE 'pg_toast%' ORDER BY pg_total_relation_size(c.oid) DESC""")]
-    _on_connections(postgres, target_url, tables, lambda conn, table: conn.execute(f"ANALYZE {table}"), jobs=jobs)
+                  AND n.nspname NOT LIKE 'pg_toast%' ORDER BY pg_total_relation_size(c.oid) DESC""")
+                  if r[0] not in skip]
+    if tables:
+        _on_connections(postgres, target_url, tables, lambda conn, table: conn.execute(f"ANALYZE {table}"), jobs=jobs)
 
 
 def compare_counts(expected: dict[str, int], actual: dict[str, int]) -> list[str]:

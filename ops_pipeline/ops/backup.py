@@ -249,8 +249,9 @@ def drill_newest_backup(context: dg.OpExecutionContext, config: DrillConfig, spe
             "backup_id": manifest["id"],
             "restore_s": dg.MetadataValue.float(timing["restore_s"]),
             "total_s (RTO)": dg.MetadataValue.float(timing["total_s"]),
-            "restore_phases_s": dg.MetadataValue.json({k.removesuffix("_s"): timing[k] for k in
-                                                       ("fetch_s", "pre_data_s", "data_s", "post_data_s", "analyze_s")}),
+            "restore_phases_s": dg.MetadataValue.json({k.removesuffix("_s"): v for k, v in timing.items()
+                                                       if k.endswith("_s") and k not in ("restore_s", "total_s")}),
+            "restore_path": timing["path"],
             "tables": len(counts),
             "rows": dg.MetadataValue.int(sum(counts.values())),
             "row_counts_match": not mismatches,
