@@ -781,6 +781,7 @@ class _StreamedRestore:
         self.toc_path = os.path.join(tmpdir, "toc.pgc")
         self.settings = [e.defn for e in entries if e.desc in ("ENCODING", "STDSTRINGS", "SEARCHPATH") and e.defn]
         self.analyzed: set[str] = set()
+        self.finished: dict[str, float] = {}  # task name -> when it finished (time.monotonic)
         budget = _Budget(ROWS_IN_MEMORY)
         self.spools = {e.dump_id: _Spool(os.path.join(tmpdir, f"data-{e.dump_id}.copy"), budget) for e in self.data}
         self.tasks = self._tasks(self.spools, {e.dump_id: rows.get(_copy_table(e), 0) for e in self.data})
@@ -1005,7 +1006,10 @@ class _StreamedRestore:
                 spool.close()
         if self.errors:
             raise next((e for e in self.errors if not str(e).startswith("stopped:")), self.errors[0])
-        phases["data_indexes_constraints_s"] = time.monotonic() - t0 - phases["pre_data_s"]
+        # wall time until every table's rows were in, then until its indexes, constraints and statistics were
+        rows_in = max((t for name, t in self.finished.items() if name.startswith("loading ")), default=t0)
+        phases["rows_in_s"] = rows_in - t0 - phases["pre_data_s"]
+        phases["indexes_constraints_analyze_s"] = time.monotonic() - rows_in
         t = time.monotonic()
         rest = [e for e in self.reader.entries if e.dump_id not in self.early]
         if any(e.section == SECTION_POST_DATA for e in rest):
@@ -1066,6 +1070,7 @@ class _StreamedRestore:
                         return
                     with cond:
                         done.add(task.name)
+                        self.finished[task.name] = time.monotonic()
                         running.remove(task)
                         cond.notify_all()
             finally:
