@@ -36,7 +36,9 @@ from psycopg import sql
 
 from ops_pipeline.pg_archive import (
     SECTION_DATA,
+    SECTION_NONE,
     SECTION_POST_DATA,
+    SECTION_PRE_DATA,
     ArchiveError,
     ArchiveReader,
     TocEntry,
@@ -478,7 +480,8 @@ SESSION_SETTINGS = ("SET statement_timeout = 0", "SET lock_timeout = 0", "SET id
 # Post-data entries (indexes, constraints) the restore schedules itself, each as soon as its tables are loaded;
 # everything else in post-data (triggers, rules, policies, materialized view data, comments...) goes to one
 # pg_restore at the end, in pg_restore's own order.
-EARLY_POST_DATA = ("INDEX", "CONSTRAINT", "FK CONSTRAINT", "CHECK CONSTRAINT")
+EARLY_POST_DATA = ("INDEX", "CONSTRAINT", "FK CONSTRAINT")  # not CHECK CONSTRAINT: on a parent it checks the
+# children's rows too (ALTER TABLE without ONLY), and its dependencies do not name them
 _COPY_END = b"\n\\.\n"
 _COPY_TABLE = re.compile(r'^COPY ((?:"(?:[^"]|"")*"|[^".\s]+)\.(?:"(?:[^"]|"")*"|[^".\s]+)) ')
 _RELATIONS = ("TABLE", "VIEW", "MATERIALIZED VIEW", "FOREIGN TABLE")
@@ -645,9 +648,10 @@ def _restore_from_file(postgres: PostgresResource, url: str, target_db: str, chu
 
 @dataclass
 class _Task:
-    name: str
+    key: tuple[str, int]  # what `needs` refers to
+    name: str  # for messages
     run: Callable[[Callable[[], psycopg.Connection]], None]
-    needs: set[str]  # task names that must be done first
+    needs: set[tuple[str, int]]  # task keys that must be done first
     locks: frozenset[int]  # tables (dump ids) it locks: tasks sharing one do not run at the same time, unless
     shared: bool = False  # both only take SHARE locks (CREATE INDEX): those may
     rank: tuple = ()  # lower starts first
@@ -696,7 +700,9 @@ class _Spool:
             return
         if self._fd is None:
             self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.write(self._fd, data)
+        view = memoryview(data)
+        while view:  # a short write (disk nearly full) is continued; a full disk raises OSError
+            view = view[os.write(self._fd, view):]
         with self.cond:
             self.spilled = self.started = True
             self.file_size += len(data)
@@ -734,6 +740,8 @@ class _Spool:
                         f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed below
                     while pos < size:
                         data = f.read(min(CHUNK, size - pos))
+                        if not data:
+                            raise BackupError(f"restore temp file {self.path} ends at {pos} of {size} bytes")
                         pos += len(data)
                         yield data
                 elif done:
@@ -771,17 +779,21 @@ class _StreamedRestore:
         for e in entries:
             if e.had_dumper and not (e.desc == "TABLE DATA" and e.copy_stmt.startswith("COPY ")):
                 raise UnsupportedArchive(f"entry {e.dump_id} ({e.desc} {e.tag}) has data this path does not load")
+        encoding = next((e.defn for e in entries if e.desc == "ENCODING"), "")
+        if "'UTF8'" not in encoding:  # names and COPY text are handled as UTF-8 here; pg_restore handles the rest
+            raise UnsupportedArchive(f"archive encoding is not UTF8 ({encoding.strip() or 'none'})")
         self.data = [e for e in entries if e.desc == "TABLE DATA" and e.had_dumper]
         self.table_of_data = {e.dump_id: next((d for d in e.deps if self.by_id.get(d) and self.by_id[d].desc != "TABLE DATA"),
                                               e.dump_id) for e in self.data}
         self.data_of_table = {t: d for d, t in self.table_of_data.items()}
         self.failed = threading.Event()
+        self.connections: list[psycopg.Connection] = []  # the workers', for _fail to cancel what runs on them
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
         self.toc_path = os.path.join(tmpdir, "toc.pgc")
         self.settings = [e.defn for e in entries if e.desc in ("ENCODING", "STDSTRINGS", "SEARCHPATH") and e.defn]
         self.analyzed: set[str] = set()
-        self.finished: dict[str, float] = {}  # task name -> when it finished (time.monotonic)
+        self.finished: dict[tuple[str, int], float] = {}  # task key -> when it finished (time.monotonic)
         budget = _Budget(ROWS_IN_MEMORY)
         self.spools = {e.dump_id: _Spool(os.path.join(tmpdir, f"data-{e.dump_id}.copy"), budget) for e in self.data}
         self.tasks = self._tasks(self.spools, {e.dump_id: rows.get(_copy_table(e), 0) for e in self.data})
@@ -792,11 +804,14 @@ class _StreamedRestore:
         tasks: list[_Task] = []
         early: dict[int, frozenset[int]] = {}  # post-data entry -> tables it locks
 
-        def load(dump_id: int) -> str:
-            return f"loading {_copy_table(self.by_id[dump_id])}"
+        def load(dump_id: int) -> tuple[str, int]:  # task keys: names may repeat across schemas, dump ids do not
+            return ("load", dump_id)
 
-        def entry(dump_id: int) -> str:
-            return f"{self.by_id[dump_id].desc} {self.by_id[dump_id].tag}"
+        def entry(dump_id: int) -> tuple[str, int]:
+            return ("entry", dump_id)
+
+        def label(e: TocEntry) -> str:
+            return f"{e.desc} {e.namespace + '.' if e.namespace else ''}{e.tag}"
 
         def settled(d: int) -> bool:  # a dependency that is done once its tables are loaded and its early entries run
             dep = self.by_id.get(d)
@@ -813,7 +828,8 @@ class _StreamedRestore:
         for e in self.data:
             table = self.table_of_data[e.dump_id]
             # loads first, in archive order (the order their rows arrive in)
-            tasks.append(_Task(load(e.dump_id), self._loader(e, spools[e.dump_id]), set(), frozenset({table}),
+            tasks.append(_Task(load(e.dump_id), f"loading {_copy_table(e)}", self._loader(e, spools[e.dump_id]), set(),
+                               frozenset({table}),
                                rank=(0, len(tasks)), ready=lambda s=spools[e.dump_id]: s.started))
         for dump_id, locks in early.items():
             e = self.by_id[dump_id]
@@ -823,17 +839,17 @@ class _StreamedRestore:
                 needs |= {entry(d) for d, on in early.items() if on & locks and self.by_id[d].desc != "FK CONSTRAINT"}
             # then the biggest tables' indexes and constraints: the longest chains of work after the last load
             weight = max((rows.get(self.data_of_table[t], 0) for t in locks), default=0)
-            tasks.append(_Task(entry(dump_id), self._ddl(e), needs, locks, shared=e.desc == "INDEX",
+            tasks.append(_Task(entry(dump_id), label(e), self._ddl(e), needs, locks, shared=e.desc == "INDEX",
                                rank=(1, -weight, e.desc != "CONSTRAINT")))
         for e in self.data:
             table = self.table_of_data[e.dump_id]
             needs = {load(e.dump_id)} | {entry(d) for d, locks in early.items() if table in locks}
-            tasks.append(_Task(f"ANALYZE {_copy_table(e)}", self._analyzer(_copy_table(e)), needs, frozenset({table}),
-                               rank=(1, -rows.get(e.dump_id, 0), True)))
+            tasks.append(_Task(("analyze", e.dump_id), f"ANALYZE {_copy_table(e)}", self._analyzer(_copy_table(e)), needs,
+                               frozenset({table}), rank=(1, -rows.get(e.dump_id, 0), True)))
         misc = [e for e in entries if e.section == SECTION_DATA and not e.had_dumper and e.desc != "TABLE DATA"]
         if misc:  # sequence values and the like: definitions in the TOC, no data blocks
-            tasks.append(_Task("data entries without data blocks", self._pg_restore_entries(misc, "data"),
-                               set(), frozenset(), rank=(0, -1)))
+            tasks.append(_Task(("misc", 0), "data entries without data blocks (sequence values...)",
+                               self._pg_restore_entries(misc, "data"), set(), frozenset(), rank=(0, -1)))
         self.early = set(early)
         return tasks
 
@@ -874,8 +890,11 @@ class _StreamedRestore:
             conn = conn_factory()
             with conn.transaction():
                 kind = conn.execute("SELECT relkind FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
-                freeze = kind is not None and kind[0] == "r"
-                if freeze:  # a table truncated in this transaction may be loaded frozen
+                # A table truncated in this transaction may be loaded frozen. Only an empty one is truncated: an
+                # extension's configuration table already holds the rows CREATE EXTENSION put there.
+                freeze = (kind is not None and kind[0] == "r"
+                          and not conn.execute(f"SELECT EXISTS (SELECT FROM ONLY {table})").fetchone()[0])
+                if freeze:
                     conn.execute(f"TRUNCATE ONLY {table}")
                 with conn.cursor().copy(copy_stmt + (" WITH (FREEZE)" if freeze else "")) as copy:
                     for block in spool.chunks(self.failed):
@@ -902,6 +921,9 @@ class _StreamedRestore:
             proc.stdin.close()
         except BrokenPipeError:
             pass  # pg_restore stopped reading: the splitter reports why
+        except StoreError as exc:
+            self._fail(BackupError(f"reading the stored backup failed: {exc}"))
+            proc.kill()
         except BaseException as exc:
             self._fail(exc)
             proc.kill()
@@ -960,14 +982,26 @@ class _StreamedRestore:
                 eof, buf = not block, buf + block
             if proc.wait() != 0 or i != len(spools):
                 raise failure(f"{i} of {len(spools)} tables")
+        except OSError as exc:
+            self._fail(BackupError(f"writing the restore's temp files failed: {exc}"))
+            proc.kill()
+            proc.wait()
         except BaseException as exc:
             self._fail(exc)
             proc.kill()
+            proc.wait()
 
     def _fail(self, exc: BaseException) -> None:
+        """Record the first and later errors, stop every part: no new tasks, statements running on the workers'
+        connections cancelled (a long index build would otherwise run to its end)."""
         with self.lock:
             self.errors.append(exc)
-        self.failed.set()
+            first = not self.failed.is_set()
+            self.failed.set()
+            connections = list(self.connections) if first else []
+        for conn in connections:
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=5)
 
     # -- the run --------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -1007,17 +1041,24 @@ class _StreamedRestore:
         if self.errors:
             raise next((e for e in self.errors if not str(e).startswith("stopped:")), self.errors[0])
         # wall time until every table's rows were in, then until its indexes, constraints and statistics were
-        rows_in = max((t for name, t in self.finished.items() if name.startswith("loading ")), default=t0)
+        rows_in = max((t for key, t in self.finished.items() if key[0] == "load"), default=t0)
         phases["rows_in_s"] = rows_in - t0 - phases["pre_data_s"]
         phases["indexes_constraints_analyze_s"] = time.monotonic() - rows_in
         t = time.monotonic()
-        rest = [e for e in self.reader.entries if e.dump_id not in self.early]
-        if any(e.section == SECTION_POST_DATA for e in rest):
+        # The post-data entries not run yet, with the comments and labels that belong to post-data: an entry
+        # without a section of its own (COMMENT, SECURITY LABEL) is in the section of the entry before it in the
+        # TOC, which pg_restore would judge by the list's order instead.
+        section, rest = SECTION_PRE_DATA, []
+        for e in self.reader.entries:
+            section = e.section if e.section != SECTION_NONE else section
+            if section == SECTION_POST_DATA and e.dump_id not in self.early:
+                rest.append(e)
+        if rest:
             listing = os.path.join(self.tmpdir, "post-data-rest.list")
             with open(listing, "w") as f:
                 f.writelines(e.list_line() + "\n" for e in rest)
             _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)(
-                "--section=post-data", f"--use-list={listing}", f"--jobs={self.jobs}")
+                f"--use-list={listing}", f"--jobs={self.jobs}")
         phases["other_post_data_s"] = time.monotonic() - t
         t = time.monotonic()
         _analyze_all(self.postgres, self.target_url, self.jobs, skip=self.analyzed)
@@ -1029,7 +1070,7 @@ class _StreamedRestore:
         is ready and whose tables no running task locks (two index builds on one table may run together)."""
         cond = threading.Condition()
         pending = sorted(tasks, key=lambda task: task.rank)
-        done: set[str] = set()
+        done: set[tuple[str, int]] = set()
         running: list[_Task] = []
 
         def free(task: _Task) -> bool:
@@ -1043,6 +1084,10 @@ class _StreamedRestore:
                             pending.remove(task)
                             running.append(task)
                             return task
+                    if not running and all(task.ready() for task in pending):  # nothing can change any more
+                        self._fail(BackupError("restore tasks that can never start: "
+                                               + ", ".join(task.name for task in pending[:10])))
+                        break
                     cond.wait(0.05)  # also woken when a task finishes; a spool that starts is seen within 50 ms
                 return None
 
@@ -1053,6 +1098,8 @@ class _StreamedRestore:
                 nonlocal conn
                 if conn is None:
                     conn = self.postgres.connect(self.target_url, autocommit=True, options=RESTORE_OPTIONS)
+                    with self.lock:
+                        self.connections.append(conn)
                     cur = psycopg.ClientCursor(conn)
                     for stmt in (*SESSION_SETTINGS, *self.settings):  # + client_encoding, std strings, search_path
                         cur.execute(stmt)
@@ -1062,26 +1109,31 @@ class _StreamedRestore:
                 while (task := take()) is not None:
                     try:
                         task.run(connection)
-                    except psycopg.Error as exc:
+                    except (psycopg.Error, DatabaseError) as exc:
                         self._fail(BackupError(f"{task.name} failed: {self.redact(str(exc).strip()[:1500])}"))
                         return
                     except BaseException as exc:
                         self._fail(exc)
                         return
                     with cond:
-                        done.add(task.name)
-                        self.finished[task.name] = time.monotonic()
+                        done.add(task.key)
+                        self.finished[task.key] = time.monotonic()
                         running.remove(task)
                         cond.notify_all()
             finally:
                 if conn is not None:
+                    with self.lock:
+                        self.connections.remove(conn)
                     conn.close()
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            for future in [pool.submit(worker) for _ in range(self.jobs)]:
-                future.result()
-        if pending and not self.failed.is_set():
-            self._fail(BackupError(f"restore tasks that could never start: {', '.join(t.name for t in pending)}"))
+            futures = [pool.submit(worker) for _ in range(self.jobs)]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException as exc:  # an interrupt (Ctrl-C, a terminated run) in this thread: stop the workers
+                self._fail(exc)
+                raise
 
 
 def _on_connections(postgres: PostgresResource, url: str, items: list, work: Callable[[psycopg.Connection, object], None],
