@@ -920,8 +920,8 @@ def explore_restore(bench: Bench, manifest: dict, fd_archive: Path | None, runs:
     variants = [
         Variant(f"restore_into: current (--jobs={backups.RESTORE_JOBS})", ri(backups.RESTORE_JOBS)),
         *[Variant(f"restore_into: --jobs={j}", ri(j)) for j in (1, 2, 3) if j != backups.RESTORE_JOBS],
-        Variant("before the loader: pg_restore -j3, mwm 512MB, ANALYZE", rv(jobs=3)),
-        Variant("before the loader: pg_restore -j2, mwm 512MB, ANALYZE", rv()),
+        Variant("pg_restore path: -j3, mwm 512MB, ANALYZE", rv(jobs=3)),
+        Variant("pg_restore path: -j2, mwm 512MB, ANALYZE", rv()),
         Variant("pg_restore path: maintenance_work_mem=64MB", rv(options={"maintenance_work_mem": "64MB"})),
         Variant("pg_restore path: maintenance_work_mem=256MB", rv(options={"maintenance_work_mem": "256MB"})),
         Variant("pg_restore path: maintenance_work_mem=1GB", rv(options={"maintenance_work_mem": "1GB"})),
@@ -939,9 +939,9 @@ def explore_restore(bench: Bench, manifest: dict, fd_archive: Path | None, runs:
 def restore_combo(bench: Bench, manifest: dict, measures: list[Measure], runs: int) -> list[Measure]:
     """Combine the individually-best restore knobs (jobs, maintenance_work_mem, parallel workers, ANALYZE mode)."""
     best = {m.name: m.best for m in measures}
-    base = best["before the loader: pg_restore -j2, mwm 512MB, ANALYZE"]
-    jobs = min((best["before the loader: pg_restore -j2, mwm 512MB, ANALYZE"], 2),
-               (best["before the loader: pg_restore -j3, mwm 512MB, ANALYZE"], 3))[1]
+    base = best["pg_restore path: -j2, mwm 512MB, ANALYZE"]
+    jobs = min((best["pg_restore path: -j2, mwm 512MB, ANALYZE"], 2),
+               (best["pg_restore path: -j3, mwm 512MB, ANALYZE"], 3))[1]
     mwm = min((best["pg_restore path: maintenance_work_mem=64MB"], "64MB"), (best["pg_restore path: maintenance_work_mem=256MB"], "256MB"),
               (base, "512MB"), (best["pg_restore path: maintenance_work_mem=1GB"], "1GB"))[1]
     options = {"maintenance_work_mem": mwm}

@@ -556,14 +556,9 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
             try:
                 phases = restore.run()
             except BackupError as exc:  # rows that do not load may be a corrupted backup: say so if it is
-                stored = _stored_sha256(store, manifest)
-                if stored != manifest["sha256"]:
-                    raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {stored[:16]}… != manifest "
-                                      f"{manifest['sha256'][:16]}… (the restore stopped at: {exc})") from None
+                _check_sha256(manifest, _stored_sha256(store, manifest), f" (the restore stopped at: {exc})")
                 raise
-            if sha.hexdigest() != manifest["sha256"]:
-                raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {sha.hexdigest()[:16]}… "
-                                  f"!= manifest {manifest['sha256'][:16]}…")
+            _check_sha256(manifest, sha.hexdigest())
     except BaseException:
         if created:  # only what this restore created: a database of that name made meanwhile by someone else stays
             drop_database(postgres, url, target_db)
@@ -594,6 +589,12 @@ def fk_check_settings(conn: psycopg.Connection, defn: str) -> dict[str, str]:
     return dict(FK_CHECK_SETTINGS) if any(cols[: len(columns)] == columns for (cols,) in leading) else {}
 
 
+def _check_sha256(manifest: dict, stored: str, detail: str = "") -> None:
+    if stored != manifest["sha256"]:
+        raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {stored[:16]}… != manifest "
+                          f"{manifest['sha256'][:16]}…{detail}") from None
+
+
 def _stored_sha256(store: BackupStore, manifest: dict) -> str:
     sha = hashlib.sha256()
     try:
@@ -616,9 +617,9 @@ def _pg_restore_runner(postgres: PostgresResource, url: str, target_db: str, arc
     env = postgres.tool_env(url, target_db)
     base = [postgres.binary("pg_restore"), "--exit-on-error", "--no-owner", "--no-privileges"]
 
-    def pg_restore(*args: str, options: str = "") -> None:
+    def pg_restore(*args: str) -> None:
         proc = subprocess.run([*base, *args, "--dbname", target_db, archive], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env={**env, "PGOPTIONS": RESTORE_OPTIONS + options})
+                              stderr=subprocess.PIPE, text=True, env={**env, "PGOPTIONS": RESTORE_OPTIONS})
         if proc.returncode != 0:
             raise BackupError(f"pg_restore {' '.join(args)} into {target_db} failed: {redact(proc.stderr.strip()[-1500:])}")
 
@@ -632,9 +633,7 @@ def _restore_from_file(postgres: PostgresResource, url: str, target_db: str, chu
     path = os.path.join(tmpdir, "dump.pgc")
     with open(path, "wb") as f:
         f.writelines(chunks)
-    if sha.hexdigest() != manifest["sha256"]:
-        raise BackupError(f"backup {manifest['id']} is corrupted: stored sha256 {sha.hexdigest()[:16]}… "
-                          f"!= manifest {manifest['sha256'][:16]}…")
+    _check_sha256(manifest, sha.hexdigest())
     phases = {"fetch_s": time.monotonic() - t}
     _create_database(postgres, url, target_db, created)
     t = time.monotonic()
@@ -791,6 +790,7 @@ class _StreamedRestore:
         self.errors: list[BaseException] = []
         self.lock = threading.Lock()
         self.toc_path = os.path.join(tmpdir, "toc.pgc")
+        self.pg_restore = _pg_restore_runner(postgres, url, target_db, self.toc_path, redact)  # on the header+TOC
         self.settings = [e.defn for e in entries if e.desc in ("ENCODING", "STDSTRINGS", "SEARCHPATH") and e.defn]
         self.analyzed: set[str] = set()
         self.finished: dict[tuple[str, int], float] = {}  # task key -> when it finished (time.monotonic)
@@ -854,14 +854,16 @@ class _StreamedRestore:
         return tasks
 
     # -- task bodies ----------------------------------------------------------------------------------
-    def _pg_restore_entries(self, entries: list[TocEntry], section: str):
-        pg_restore = _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)
+    def _listing(self, name: str, entries: list[TocEntry]) -> str:
+        """A `pg_restore --use-list` file of these entries, in this order."""
+        path = os.path.join(self.tmpdir, name)
+        with open(path, "w") as f:
+            f.writelines(e.list_line() + "\n" for e in entries)
+        return path
 
+    def _pg_restore_entries(self, entries: list[TocEntry], section: str):
         def run(_conn) -> None:
-            listing = os.path.join(self.tmpdir, f"entries-{entries[0].dump_id}.list")
-            with open(listing, "w") as f:
-                f.writelines(e.list_line() + "\n" for e in entries)
-            pg_restore(f"--section={section}", f"--use-list={listing}")
+            self.pg_restore(f"--section={section}", f"--use-list={self._listing('misc.list', entries)}")
 
         return run
 
@@ -1011,11 +1013,9 @@ class _StreamedRestore:
             f.write(self.reader.prefix)
         _create_database(self.postgres, self.url, self.target_db, self.created)
         phases = {}
-        _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)("--section=pre-data")
+        self.pg_restore("--section=pre-data")
         phases["pre_data_s"] = time.monotonic() - t0
-        listing = os.path.join(self.tmpdir, "data.list")
-        with open(listing, "w") as f:
-            f.writelines(e.list_line() + "\n" for e in self.data)
+        listing = self._listing("data.list", self.data)
         proc = subprocess.Popen([self.postgres.binary("pg_restore"), "--data-only", f"--use-list={listing}", "--file=-"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for pipe in (proc.stdin, proc.stdout):  # fewer, larger pipe transfers (Linux; the default is 64 kB)
@@ -1054,11 +1054,7 @@ class _StreamedRestore:
             if section == SECTION_POST_DATA and e.dump_id not in self.early:
                 rest.append(e)
         if rest:
-            listing = os.path.join(self.tmpdir, "post-data-rest.list")
-            with open(listing, "w") as f:
-                f.writelines(e.list_line() + "\n" for e in rest)
-            _pg_restore_runner(self.postgres, self.url, self.target_db, self.toc_path, self.redact)(
-                f"--use-list={listing}", f"--jobs={self.jobs}")
+            self.pg_restore(f"--use-list={self._listing('post-data-rest.list', rest)}", f"--jobs={self.jobs}")
         phases["other_post_data_s"] = time.monotonic() - t
         t = time.monotonic()
         _analyze_all(self.postgres, self.target_url, self.jobs, skip=self.analyzed)
