@@ -327,7 +327,7 @@ def test_loopback_urls_are_rewritten_to_the_network_gateway():
 
 def test_nginx_keeps_idle_keepalive_connections_through_reloads_where_it_can(tmp_path):
     """keepalive_min_timeout exists from nginx 1.27.4 on; older versions (Debian 12: 1.22) reject it."""
-    from ops_pipeline.resources.targets.docker import HostNginx
+    from ops_pipeline.resources.targets.nginx import HostNginx
 
     lb = HostNginx(tmp_path, "127.0.0.1", 8080, 30, "test")
     assert lb.version >= (1, 18)  # read from the real `nginx -v`

@@ -64,6 +64,8 @@ from ops_pipeline.resources.targets.base import (
     RolloutError,
     RolloutReport,
 )
+from ops_pipeline.resources.targets.nginx import HostNginx, NginxError
+from ops_pipeline.resources.targets.procs import cmdline, established_to
 from ops_pipeline.spec import ReleaseSpec
 
 LABEL_APP = "ops.app"
@@ -80,50 +82,6 @@ DEFAULT_PORTS = {"postgres": 5432, "postgresql": 5432, "redis": 6379, "rediss": 
 IN_SERVICE = ("healthy", "running", "starting")
 KEEP_OLD_IMAGES = 3
 RELAY_MARK = "ops-pipeline-host-relay"
-
-
-class NginxError(RuntimeError):
-    pass
-
-
-# ---- /proc helpers ------------------------------------------------------------------------------
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def _children(ppid: int) -> dict[int, str]:
-    """{pid: command line} of the live children of `ppid`."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2:].split()
-        if len(fields) > 1 and fields[1] == str(ppid) and fields[0] != "Z":
-            out[int(d.name)] = _cmdline(int(d.name))
-    return out
-
-
-def established_to(port: int) -> int:
-    """Established TCP connections from this host (network namespace) to 127.0.0.1:<port>."""
-    want = f"0100007F:{port:04X}"
-    n = 0
-    for table in ("/proc/net/tcp",):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if len(parts) > 3 and parts[2] == want and parts[3] == "01":
-                n += 1
-    return n
 
 
 # ---- host relay (a separate, stdlib-only process) --------------------------------------------------
@@ -194,7 +152,7 @@ class HostRelays:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
             return None
-        cmd = _cmdline(pid)
+        cmd = cmdline(pid)
         return pid if RELAY_MARK in cmd and f" {lhost} {lport} " in f" {cmd} " else None
 
     def ensure(self, lhost: str, lport: int, thost: str, tport: int, log: LogFn) -> None:
@@ -217,7 +175,7 @@ class HostRelays:
             if f"listening on {lhost}:{lport} " in text:
                 log(f"host relay {lhost}:{lport} -> {thost}:{tport} started (pid {pid})")
                 return
-            if not _cmdline(pid):
+            if not cmdline(pid):
                 break
             time.sleep(0.05)
         tail = logfile.read_text(errors="replace")[-1500:] if logfile.exists() else ""
@@ -272,207 +230,6 @@ def loopback_to_gateway(app_env: dict[str, str], gateway: str) -> tuple[dict[str
     return env, endpoints, rewritten
 
 
-# ---- nginx on the host -------------------------------------------------------------------------------
-KEEPALIVE_MIN_TIMEOUT_SINCE = (1, 27, 4)
-
-class HostNginx:
-    """The environment's load balancer: Debian's nginx on the host, with its own prefix, config and pid file."""
-
-    def __init__(self, root: Path, listen_host: str, listen_port: int, drain_s: float, label: str) -> None:
-        self.root = root
-        self.conf = root / "nginx.conf"
-        self.pidfile = root / "nginx.pid"
-        self.error_log = root / "error.log"
-        self.listen_host = listen_host
-        self.listen_port = listen_port
-        self.drain_s = drain_s
-        self.label = label
-        self._version: tuple[int, ...] | None = None
-
-    @property
-    def version(self) -> tuple[int, ...]:
-        """nginx's version, from `nginx -v` ("nginx version: nginx/1.22.1"); (0,) when it cannot be read."""
-        if self._version is None:
-            try:
-                out = subprocess.run([self.binary(), "-v"], capture_output=True, text=True, timeout=10, check=False)
-                text = (out.stderr + out.stdout).split("/", 1)[-1].split()[0]
-                self._version = tuple(int(x) for x in text.split("."))
-            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-                self._version = (0,)
-        return self._version
-
-    @staticmethod
-    def binary() -> str:
-        found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
-        if not found:
-            raise NginxError("nginx not found on this host (Debian: apt-get install nginx-light or nginx)")
-        return found
-
-    def _nginx(self, *args: str, conf: Path | None = None, timeout_s: float = 30) -> subprocess.CompletedProcess:
-        argv = [self.binary(), "-p", f"{self.root}/", "-e", str(self.error_log), "-c", str(conf or self.conf), *args]
-        return subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL, check=False,
-                              env={"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")})
-
-    def master_pid(self) -> int | None:
-        try:
-            pid = int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        return pid if _cmdline(pid).startswith("nginx: master") else None
-
-    def workers(self) -> dict[int, str]:
-        pid = self.master_pid()
-        return {p: c for p, c in _children(pid).items() if "worker process" in c} if pid else {}
-
-    def render(self, servers: list[tuple[int, str]]) -> str:
-        r = self.root
-        user = "user nobody nogroup;\n" if os.geteuid() == 0 else ""
-        lines = [f"        server 127.0.0.1:{port} max_fails=2 fail_timeout=5s;  # {comment}" for port, comment in servers]
-        if not lines:
-            lines = ["        server 127.0.0.1:9 down;  # no container in service yet"]
-        upstream = "\n".join(lines)
-        # A graceful reload makes the old workers close idle client keep-alive connections at once; a client that
-        # sends on one at that moment sees the connection closed without an answer (HTTP allows it to resend an
-        # idempotent request; not every client does). nginx >= 1.27.4 can keep such a connection for one more
-        # request and answer it with `Connection: close` (keepalive_min_timeout). Debian 12 ships 1.22.
-        min_timeout = "    keepalive_min_timeout 1s;\n" if self.version >= KEEPALIVE_MIN_TIMEOUT_SINCE else ""
-        return f"""# Generated by ops-pipeline (Docker target) for {self.label}. Every rollout rewrites it: do not edit.
-{user}worker_processes auto;
-worker_shutdown_timeout {max(1, int(self.drain_s))}s;
-pid {r}/nginx.pid;
-error_log {r}/error.log warn;
-
-events {{
-    worker_connections 1024;
-}}
-
-http {{
-    access_log off;
-    server_tokens off;
-    keepalive_timeout 65s;
-{min_timeout}    client_body_temp_path {r}/tmp/body;
-    proxy_temp_path {r}/tmp/proxy;
-    fastcgi_temp_path {r}/tmp/fastcgi;
-    uwsgi_temp_path {r}/tmp/uwsgi;
-    scgi_temp_path {r}/tmp/scgi;
-
-    map $http_upgrade $connection_upgrade {{
-        default upgrade;
-        ''      '';
-    }}
-
-    upstream app_servers {{
-        least_conn;
-{upstream}
-        keepalive 32;
-    }}
-
-    server {{
-        listen {self.listen_host}:{self.listen_port};
-
-        location / {{
-            proxy_pass http://app_servers;
-            proxy_http_version 1.1;
-            proxy_set_header Upgrade $http_upgrade;
-            proxy_set_header Connection $connection_upgrade;
-            proxy_set_header Host $host;
-            proxy_set_header X-Real-IP $remote_addr;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_cache_bypass $http_upgrade;
-            proxy_next_upstream error timeout;
-            proxy_next_upstream_tries 3;
-            proxy_connect_timeout 2s;
-            proxy_read_timeout 60s;
-        }}
-    }}
-}}
-"""
-
-    def _prepare_dirs(self) -> None:
-        tmp = self.root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
-            import pwd
-
-            try:
-                nobody = pwd.getpwnam("nobody")
-                for d in [tmp, *tmp.iterdir()]:
-                    os.chown(d, nobody.pw_uid, nobody.pw_gid)
-            except KeyError:
-                pass
-
-    def _error_tail(self) -> str:
-        try:
-            return "\n".join(self.error_log.read_text(errors="replace").splitlines()[-8:])
-        except OSError:
-            return ""
-
-    def apply(self, servers: list[tuple[int, str]], log: LogFn) -> set[int]:
-        """Make nginx route to exactly `servers` [(published port, comment)]: write, `nginx -t`, then start it or
-        reload it gracefully. Returns the pids of the previous worker generation (they finish in-flight requests
-        and exit); empty when nothing had to be reloaded."""
-        self._prepare_dirs()
-        text = self.render(servers)
-        pid = self.master_pid()
-        if pid and self.conf.exists() and self.conf.read_text() == text:
-            return set()
-        candidate = self.root / "nginx.conf.new"
-        candidate.write_text(text)
-        test = self._nginx("-t", "-q", conf=candidate)
-        if test.returncode != 0:
-            raise NginxError(f"`nginx -t` rejected the generated config {candidate}: {(test.stderr or test.stdout).strip()[-1500:]}")
-        os.replace(candidate, self.conf)
-        ports = ", ".join(str(p) for p, _ in servers) or "none"
-        if not pid:
-            started = self._nginx()
-            if started.returncode != 0:
-                raise NginxError(f"nginx did not start ({self.listen_host}:{self.listen_port}): "
-                                 f"{(started.stderr or started.stdout).strip()[-1500:]}")
-            deadline = time.monotonic() + 10
-            while not self.workers() and time.monotonic() < deadline:
-                time.sleep(0.05)
-            log(f"nginx started on {self.listen_host}:{self.listen_port} (pid {self.master_pid()}), upstream: {ports}")
-            return set()
-        before = set(self.workers())
-        reload = self._nginx("-s", "reload")
-        if reload.returncode != 0:
-            raise NginxError(f"`nginx -s reload` failed: {(reload.stderr or reload.stdout).strip()[-1500:]}")
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            current = self.workers()
-            if any(p not in before and "shutting down" not in c for p, c in current.items()):
-                log(f"nginx reloaded, upstream: {ports}")
-                return before
-            time.sleep(0.02)
-        raise NginxError(f"nginx did not start new workers within 15 s of the reload: {self._error_tail()}")
-
-    def wait_gone(self, pids: set[int], timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            left = pids & set(self.workers())
-            if not left:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
-
-    def stop(self) -> bool:
-        pid = self.master_pid()
-        if not pid:
-            return False
-        self._nginx("-s", "quit")
-        deadline = time.monotonic() + 15
-        while _cmdline(pid).startswith("nginx: master") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if _cmdline(pid).startswith("nginx: master"):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        return True
-
-
 # ---- the target --------------------------------------------------------------------------------------
 class DockerTarget(DeployTarget):
     kind = "docker"
@@ -489,7 +246,8 @@ class DockerTarget(DeployTarget):
         self.network_name = cfg.network or f"ops-{self.app}-{self.env}"
         self.repository = cfg.image_repository or f"localhost/{self.app}"
         nginx_dir = Path(cfg.nginx_conf_dir) if cfg.nginx_conf_dir else spec.env_dir() / "nginx"
-        self.nginx = HostNginx(nginx_dir, spec.target.host, spec.target.port, cfg.drain_s, f"{self.app} in {self.env}")
+        self.nginx = HostNginx(nginx_dir, spec.target.host, spec.target.port, cfg.drain_s,
+                               f"{self.app} in {self.env} (Docker target)")
         self.relays = HostRelays(paths.state_dir() / "docker" / "relays")
         self.secrets_root = spec.env_dir() / "docker-secrets"
         self._client = None
