@@ -77,6 +77,14 @@ class ConnectionVarsConfig(dg.Config):
     tls: str = Field("", description="Variable set to 'true' when the connection uses TLS (sslmode=require..., rediss://), else 'false'.")
 
 
+class DatabaseVarsConfig(ConnectionVarsConfig):
+    url: str = Field("DATABASE_URL", description="Variable that receives the whole URL (empty: parts only).")
+
+
+class RedisVarsConfig(ConnectionVarsConfig):
+    url: str = Field("REDIS_URL", description="Variable that receives the whole URL (empty: parts only).")
+
+
 class DatabaseConfig(dg.Config):
     """The environment's PostgreSQL and how the app receives it."""
 
@@ -85,8 +93,8 @@ class DatabaseConfig(dg.Config):
                           "environment with embedded_services: the embedded database below.")
     embedded_database: str = Field("app", description="Database name in the embedded PostgreSQL.")
     embedded_role: str = Field("app", description="Role owning it in the embedded PostgreSQL.")
-    app_vars: ConnectionVarsConfig = Field(default_factory=lambda: ConnectionVarsConfig(url="DATABASE_URL"),
-                                           description="The app's variables for the database (URL and/or parts).")
+    app_vars: DatabaseVarsConfig = Field(default_factory=DatabaseVarsConfig,
+                                         description="The app's variables for the database (URL and/or parts).")
 
 
 class RedisConfig(dg.Config):
@@ -96,8 +104,8 @@ class RedisConfig(dg.Config):
     url_from: str = Field("env:REDIS_URL", description="Where the environment's Redis URL comes from: env:NAME or "
                           "file:/path. Unset on a non-production environment with embedded_services: the embedded Redis.")
     embedded_db: int = Field(0, description="Database number in the embedded Redis.")
-    app_vars: ConnectionVarsConfig = Field(default_factory=lambda: ConnectionVarsConfig(url="REDIS_URL"),
-                                           description="The app's variables for Redis (URL and/or parts).")
+    app_vars: RedisVarsConfig = Field(default_factory=RedisVarsConfig,
+                                      description="The app's variables for Redis (URL and/or parts).")
 
 
 class AppConfig(dg.Config):

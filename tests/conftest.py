@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -79,11 +80,20 @@ def _kill_leftovers_of_this_session() -> None:
         print(f"\nkilled {len(left)} leftover process(es) of this session: {', '.join(left)}")
 
 
+def stop_front_proxy(env_dir: Path) -> None:
+    """Stop the nginx front proxy of an environment (PM2 target), if it runs."""
+    try:
+        os.kill(int((env_dir / "front" / "nginx.pid").read_text().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+
+
 def pytest_sessionfinish(session, exitstatus):
     pm2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
     envs = _STATE / "envs"
     if envs.is_dir() and pm2.exists():
         for env_dir in envs.iterdir():
+            stop_front_proxy(env_dir)
             if (env_dir / "pm2").is_dir():
                 subprocess.run([str(pm2), "kill"], env={**os.environ, "PM2_HOME": str(env_dir / "pm2")},
                                capture_output=True, timeout=60)
@@ -206,6 +216,7 @@ def pm2_cleanup():
     yield envs.append
     pm2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
     for env in envs:
+        stop_front_proxy(_STATE / "envs" / env)
         home = _STATE / "envs" / env / "pm2"
         if home.is_dir():
             subprocess.run([str(pm2), "kill"], env={**os.environ, "PM2_HOME": str(home)}, capture_output=True, timeout=60)
