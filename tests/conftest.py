@@ -83,7 +83,7 @@ def _kill_leftovers_of_this_session() -> None:
 def stop_front_proxy(env_dir: Path) -> None:
     """Stop the nginx front proxy of an environment (PM2 target), if it runs."""
     try:
-        os.kill(int((env_dir / "front" / "nginx.pid").read_text().strip()), signal.SIGTERM)
+        os.kill(int((env_dir / "nginx" / "nginx.pid").read_text().strip()), signal.SIGTERM)
     except (OSError, ValueError):
         pass
 

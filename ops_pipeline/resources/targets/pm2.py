@@ -5,7 +5,7 @@ Layout per environment (`<state>/envs/<env>/` by default):
     app/releases/<version>/   hard-linked copy of the release bundle (+ release.json)
     app/current -> releases/<version>   what should be serving (moved after a rollout succeeds)
     pm2/                      PM2_HOME (the PM2 daemon of this environment)
-    front/                    the nginx front proxy (config, pid, logs): it owns the public port
+    nginx/                    the nginx front proxy (config, pid, logs): it owns the public port
     instances/<slot>/         a folder per slot kept across releases ({instance_dir} in app.instance_env)
     logs/                     one log file per instance
 
@@ -87,7 +87,7 @@ class Pm2Target(DeployTarget):
         self.logs = env_dir / "logs"
         self.app_files = env_dir / "pm2-apps"
         self.instance_dirs = env_dir / "instances"
-        self.nginx = HostNginx(env_dir / "front", spec.target.host, spec.target.port, cfg.drain_s,
+        self.nginx = HostNginx(env_dir / "nginx", spec.target.host, spec.target.port, cfg.drain_s,
                                f"{spec.app.name} in {spec.environment} (PM2 target)")
 
     # ---- PM2 CLI ------------------------------------------------------------------------------
