@@ -283,10 +283,21 @@ class LocalStack(dg.ConfigurableResource):
                 continue
             raise RuntimeError(f"PostgreSQL did not start on port {state['pg_port']}: {res.stderr.strip()} {tail[-2000:]}")
 
-    def _ensure_app_database(self, state: dict) -> None:
+    def _role_password(self, state: dict, role: str) -> str:
+        """The default role keeps `app_password`; every other role named in a spec gets its own, kept in the state."""
+        if role == self.user:
+            return state["app_password"]
+        passwords = state.setdefault("role_passwords", {})
+        if role not in passwords:
+            passwords[role] = secrets.token_urlsafe(24)
+            self._save_state(state)
+        return passwords[role]
+
+    def _ensure_app_database(self, state: dict, database: str | None = None, role: str | None = None) -> None:
         import psycopg
         from psycopg import sql
 
+        database, role = database or self.database, role or self.user
         admin = self._admin_url(state, "postgres")
         deadline = time.monotonic() + 30
         while True:
@@ -298,17 +309,17 @@ class LocalStack(dg.ConfigurableResource):
                     raise
                 time.sleep(0.2)
         with conn:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.user,)).fetchone()
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone()
             if not exists:
                 conn.execute(
                     sql.SQL("CREATE ROLE {} LOGIN CREATEDB PASSWORD {}").format(
-                        sql.Identifier(self.user), sql.Literal(state["app_password"])
+                        sql.Identifier(role), sql.Literal(self._role_password(state, role))
                     )
                 )
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)).fetchone():
-                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(self.database), sql.Identifier(self.user)))
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,)).fetchone():
+                conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(database), sql.Identifier(role)))
             # pg_amcheck (restore drills) needs the extension and rights to run it.
-            conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(self.user)))
+            conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(role)))
 
     def _admin_url(self, state: dict, database: str) -> str:
         return f"postgresql://postgres:{state['pg_superuser_password']}@127.0.0.1:{state['pg_port']}/{database}"
@@ -367,24 +378,27 @@ class LocalStack(dg.ConfigurableResource):
             return False
 
     # ---- public API ---------------------------------------------------------------------------
-    def services(self, state: dict | None = None) -> LocalServices:
+    def services(self, state: dict | None = None, *, database: str | None = None, role: str | None = None,
+                 redis_db: int = 0) -> LocalServices:
         state = state or self._state()
+        database, role = database or self.database, role or self.user
         return LocalServices(
-            database_url=f"postgresql://{self.user}:{state['app_password']}@127.0.0.1:{state['pg_port']}/{self.database}",
-            redis_url=f"redis://:{state['redis_password']}@127.0.0.1:{state['redis_port']}/0",
+            database_url=f"postgresql://{role}:{self._role_password(state, role)}@127.0.0.1:{state['pg_port']}/{database}",
+            redis_url=f"redis://:{state['redis_password']}@127.0.0.1:{state['redis_port']}/{redis_db}",
             jwt_secret=state["jwt_secret"],
             admin_database_url=self._admin_url(state, "postgres"),
             pg_port=state["pg_port"],
             redis_port=state["redis_port"],
         )
 
-    def ensure_running(self) -> LocalServices:
-        """Start whatever is not running (idempotent) and return the connection settings."""
+    def ensure_running(self, *, database: str | None = None, role: str | None = None, redis_db: int = 0) -> LocalServices:
+        """Start whatever is not running (idempotent), make sure `database` owned by `role` exists (default: the
+        stack's own), and return the connection settings for them."""
         state = self._state()
         self._start_postgres(state)
-        self._ensure_app_database(state)
+        self._ensure_app_database(state, database, role)
         self._start_redis(state)
-        return self.services(state)
+        return self.services(state, database=database, role=role, redis_db=redis_db)
 
     def is_running(self) -> dict[str, bool]:
         state = self._load_state()

@@ -16,6 +16,7 @@ import time
 import dagster as dg
 
 from ops_pipeline import history
+from ops_pipeline.spec import ReleaseSpec
 from ops_pipeline.jobs import release, rollback
 from ops_pipeline.resources.health import HttpProber
 from ops_pipeline.resources.targets import DeployTargets
@@ -63,17 +64,15 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
     """Probe one environment; returns (new state, run request or None, note)."""
     serving = hist.serving_version
     record = hist.release_of(serving) if serving else None
-    spec = history.spec_json(record) if record else None
-    if not spec:
+    recorded = history.spec_json(record) if record else None
+    if not recorded:
         return {}, None, f"{environment}: nothing released yet"
-    cfg = spec["config"]
-    target = cfg["target"]
-    base = target.get("public_url") or f"http://{target['host']}:{target['port']}"
-    url = base.rstrip("/") + cfg["app"]["health_path"]
+    spec = ReleaseSpec.from_json(recorded)
+    url = spec.health_url
     if state.get("serving") != serving:
         state = {"serving": serving, "failures": 0}
     for i in range(probes):
-        p = prober.probe(url, timeout_s=timeout_s)
+        p = prober.probe(url, timeout_s=timeout_s, version_from=spec.app.health_version)
         state["probes"] = state.get("probes", 0) + 1
         if p.ok:
             if state.get("failures"):

@@ -61,21 +61,66 @@ class CommandsConfig(dg.Config):
     timeout_s: float = Field(900.0, description="Deadline for any one of these commands, in seconds.")
 
 
+SECRET_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|generate)$")
+VERSION_CHECK = re.compile(r"^(off|json:[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*|header:[A-Za-z0-9-]+)$")
+
+
+class ConnectionVarsConfig(dg.Config):
+    """The app's own variable names for one connection: a whole URL and/or its parts. Empty: not given."""
+
+    url: str = Field("", description="Variable that receives the whole URL (postgresql://... / redis://...).")
+    host: str = Field("", description="Variable that receives the host.")
+    port: str = Field("", description="Variable that receives the port.")
+    database: str = Field("", description="Variable that receives the database name (PostgreSQL) or number (Redis).")
+    user: str = Field("", description="Variable that receives the user name.")
+    password: str = Field("", description="Variable that receives the password (always treated as a secret).")
+    tls: str = Field("", description="Variable set to 'true' when the connection uses TLS (sslmode=require..., rediss://), else 'false'.")
+
+
+class DatabaseConfig(dg.Config):
+    """The environment's PostgreSQL and how the app receives it."""
+
+    url_from: str = Field("env:DATABASE_URL", description="Where the environment's PostgreSQL URL comes from: "
+                          "env:NAME (the Dagster process environment) or file:/path. Unset on a non-production "
+                          "environment with embedded_services: the embedded database below.")
+    embedded_database: str = Field("app", description="Database name in the embedded PostgreSQL.")
+    embedded_role: str = Field("app", description="Role owning it in the embedded PostgreSQL.")
+    app_vars: ConnectionVarsConfig = Field(default_factory=lambda: ConnectionVarsConfig(url="DATABASE_URL"),
+                                           description="The app's variables for the database (URL and/or parts).")
+
+
+class RedisConfig(dg.Config):
+    """The environment's Redis and how the app receives it."""
+
+    enabled: bool = Field(True, description="The app uses Redis (false: no Redis is provided or checked).")
+    url_from: str = Field("env:REDIS_URL", description="Where the environment's Redis URL comes from: env:NAME or "
+                          "file:/path. Unset on a non-production environment with embedded_services: the embedded Redis.")
+    embedded_db: int = Field(0, description="Database number in the embedded Redis.")
+    app_vars: ConnectionVarsConfig = Field(default_factory=lambda: ConnectionVarsConfig(url="REDIS_URL"),
+                                           description="The app's variables for Redis (URL and/or parts).")
+
+
 class AppConfig(dg.Config):
     """The service being released: where its code is and how it is configured at run time."""
 
     name: str = Field("node-api", description="Service name; prefixes process names, artifacts and backups.")
     path: str = Field("examples/node-api", description="App folder (relative to the project root, or absolute).")
     required_env: list[str] = Field(
-        ["DATABASE_URL", "REDIS_URL", "JWT_SECRET", "NODE_ENV"],
-        description="Environment variables the app needs; all are checked at once before anything else runs.",
+        ["JWT_SECRET", "NODE_ENV"],
+        description="Variables passed through from the Dagster process environment; all are checked at once before "
+                    "anything else runs. (Database and Redis variables come from `database` and `redis`.)",
     )
     secret_env: list[str] = Field(
-        ["DATABASE_URL", "REDIS_URL", "JWT_SECRET"],
-        description="Variables whose values are secret: never logged, shown or stored in run config.",
+        ["JWT_SECRET"],
+        description="Which of required_env are secret: never logged, shown or stored in run config.",
     )
-    database_url_env: str = Field("DATABASE_URL", description="Variable holding the PostgreSQL URL.")
-    redis_url_env: str = Field("REDIS_URL", description="Variable holding the Redis URL (empty: the app uses no Redis).")
+    env: dict[str, str] = Field({}, description="Plain (non-secret) variables for the app, recorded with each release.")
+    secrets: dict[str, str] = Field({}, description="Secret variables for the app, by reference only: env:NAME (the "
+                                    "Dagster process environment), file:/path, or generate (a random value kept in "
+                                    "the state folder; not in production). Recorded by reference with each release, "
+                                    "so a rollback launched by a sensor recreates the same environment.")
+    database: DatabaseConfig = Field(default_factory=DatabaseConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
     jwt_secret_env: str = Field("JWT_SECRET", description="Variable holding the token-signing secret (empty: none).")
     node_env_var: str = Field("NODE_ENV", description="Variable naming the runtime mode (must be 'production' in production).")
     min_secret_length: int = Field(32, description="Minimum length of the signing secret in production.")
@@ -84,12 +129,21 @@ class AppConfig(dg.Config):
         ["dist", "migrations", "package.json", "package-lock.json", "ecosystem.config.js"],
         description="Files and folders copied from the app folder into the immutable release bundle.",
     )
-    entrypoint: str = Field("dist/server.js", description="Script the process manager starts, relative to the bundle.")
-    health_path: str = Field("/health", description="Health endpoint: 200 when healthy, JSON with a 'version' field.")
+    entrypoint: str = Field("dist/server.js", description="Script the process manager starts with node, relative to "
+                            "the bundle (used when `start` is empty).")
+    start: str = Field("", description="Start command, run by a shell in start_dir, e.g. 'npm start', "
+                       "'node node_modules/some-server/dist/server.js', 'npx next start' (empty: node <entrypoint>).")
+    start_dir: str = Field("", description="Folder inside the bundle the app starts in (empty: the bundle's root).")
+    instance_env: dict[str, str] = Field({}, description="Per-instance variables; {slot}, {port} and {instance_dir} "
+                                         "(a folder kept for that slot across releases) are replaced.")
+    health_path: str = Field("/health", description="Health endpoint: a 2xx answer (JSON or text) when healthy.")
+    health_version: str = Field("json:version", description="Where the health answer reports the running version, "
+                                "checked against the release's: json:<field.path>, header:<Name>, or off.")
     version_env: str = Field("APP_VERSION", description="Variable through which the app learns the release version it runs.")
     port_env: str = Field("PORT", description="Variable giving the app its shared listening port.")
     instance_port_env: str = Field(
-        "INSTANCE_PORT", description="Variable giving one instance a private port, so it can be probed on its own."
+        "", description="Optional: a variable that also receives each instance's own port (apps that listen twice). "
+                        "Instances always get their own port in port_env behind the front proxy."
     )
     migrations_table: str = Field("pgmigrations", description="Table where the migration tool records applied migrations.")
     migration_lock_timeout_s: float = Field(
@@ -100,12 +154,14 @@ class AppConfig(dg.Config):
 
 
 class Pm2Config(dg.Config):
-    """PM2 process manager target (cluster mode on this host)."""
+    """PM2 process manager target: one PM2 process per instance on this host, each on its own port, behind nginx."""
 
     home: str = Field("", description="PM2_HOME for this environment (default: <state>/envs/<env>/pm2).")
     deploy_root: str = Field("", description="Holds releases/<version> and the `current` link (default: <state>/envs/<env>/app).")
     keep_releases: int = Field(5, description="Release folders kept for rollback; the serving and last good ones are never pruned.")
-    listen_timeout_s: float = Field(20.0, description="How long a new instance may take to start listening.")
+    listen_timeout_s: float = Field(20.0, description="How long a new instance may take to answer healthy on its own port.")
+    drain_s: float = Field(30.0, description="Longest time an instance taken out of the front proxy is given to finish "
+                           "its requests before it is stopped.")
     kill_timeout_s: float = Field(15.0, description="Grace period PM2 gives a stopping instance before SIGKILL.")
     max_memory_restart: str = Field("500M", description="PM2 restarts an instance above this memory use.")
 
@@ -203,6 +259,66 @@ def _check_url(value: str, field_name: str, schemes: tuple[str, ...], problems: 
         problems.append(f"{field_name}: malformed URL {value!r} (expected {'/'.join(schemes)}://host[:port]/...)")
 
 
+def _check_ref(value: str, field_name: str, production: bool, problems: list[str]) -> None:
+    if not SECRET_REF.match(value or ""):
+        problems.append(f"{field_name}: {value!r} is not a reference (env:NAME, file:/absolute/path or generate); "
+                        "secret values are never written in the spec")
+    elif value == "generate" and production:
+        problems.append(f"{field_name}: 'generate' is not allowed in production (give env:NAME or file:/path)")
+
+
+def validate_app_environment(app: AppConfig, *, production: bool, problems: list[str]) -> None:
+    """The app's variables: names valid, secrets given by reference, no variable set twice, the health check well formed."""
+    owners: dict[str, str] = {}
+
+    def claim(name: str, where: str) -> None:
+        if not name:
+            return
+        if not ENV_VAR.match(name):
+            problems.append(f"{where}: {name!r} is not a valid environment variable name")
+        elif name in owners and owners[name] != where:
+            problems.append(f"{where}: {name} is already set by {owners[name]}")
+        else:
+            owners[name] = where
+
+    for name in app.env:
+        claim(name, f"app.env.{name}")
+    for name, ref in app.secrets.items():
+        claim(name, f"app.secrets.{name}")
+        _check_ref(ref, f"app.secrets.{name}", production, problems)
+    for name in app.instance_env:
+        claim(name, f"app.instance_env.{name}")
+    for block, conn in (("database", app.database), ("redis", app.redis)):
+        if block == "redis" and not app.redis.enabled:
+            continue
+        for part in ConnectionVarsConfig.model_fields:
+            claim(getattr(conn.app_vars, part), f"app.{block}.app_vars.{part}")
+        if not any(getattr(conn.app_vars, part) for part in ("url", "host")):
+            problems.append(f"app.{block}.app_vars: name the app's variable for the URL (url) or its parts (host, port, ...)")
+        if not SECRET_REF.match(conn.url_from or "") or conn.url_from == "generate":
+            problems.append(f"app.{block}.url_from: {conn.url_from!r} must be env:NAME or file:/absolute/path")
+    for name in app.required_env:
+        if name in owners:
+            problems.append(f"app.required_env: {name} is already set by {owners[name]}")
+    for fname in ("embedded_database", "embedded_role"):
+        value = getattr(app.database, fname)
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", value or ""):
+            problems.append(f"app.database.{fname}: {value!r} must be a lower-case PostgreSQL name (letters, digits, _)")
+    if not (0 <= app.redis.embedded_db <= 15):
+        problems.append(f"app.redis.embedded_db: must be between 0 and 15 (got {app.redis.embedded_db})")
+    if not VERSION_CHECK.match(app.health_version or ""):
+        problems.append(f"app.health_version: {app.health_version!r} must be json:<field.path>, header:<Name> or off")
+    if not app.port_env:
+        problems.append("app.port_env: required (the variable through which the app learns its port)")
+    if app.start_dir and (app.start_dir.startswith("/") or ".." in Path(app.start_dir).parts):
+        problems.append(f"app.start_dir: {app.start_dir!r} must be a relative path inside the bundle")
+    for name, value in app.instance_env.items():
+        try:
+            value.format(slot=0, port=0, instance_dir="")
+        except (KeyError, IndexError, ValueError) as exc:
+            problems.append(f"app.instance_env.{name}: unknown placeholder {exc} (use {{slot}}, {{port}}, {{instance_dir}})")
+
+
 def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> list[str]:
     """Every problem in the config, each naming its field. Empty list: valid."""
     problems: list[str] = []
@@ -231,10 +347,11 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     for name in [*app.required_env, *app.secret_env]:
         if not ENV_VAR.match(name):
             problems.append(f"app.required_env: {name!r} is not a valid environment variable name")
-    for fname in ("database_url_env", "redis_url_env", "jwt_secret_env", "node_env_var", "version_env", "port_env", "instance_port_env"):
+    for fname in ("jwt_secret_env", "node_env_var", "version_env", "port_env", "instance_port_env"):
         value = getattr(app, fname)
         if value and not ENV_VAR.match(value):
             problems.append(f"app.{fname}: {value!r} is not a valid environment variable name")
+    validate_app_environment(app, production=cfg.production, problems=problems)
     if not app.health_path.startswith("/"):
         problems.append(f"app.health_path: must start with '/' (got {app.health_path!r})")
     if app.min_secret_length < 1:
@@ -268,6 +385,8 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
             problems.append(
                 f"target.pm2.kill_timeout_s: must exceed app.shutdown_timeout_s ({app.shutdown_timeout_s}) or in-flight requests are cut"
             )
+        if t.pm2.drain_s < 0:
+            problems.append(f"target.pm2.drain_s: must be >= 0 (got {t.pm2.drain_s})")
         if t.pm2.listen_timeout_s <= 0:
             problems.append(f"target.pm2.listen_timeout_s: must be > 0 (got {t.pm2.listen_timeout_s})")
     if t.kind == DeployTargetKind.docker:
@@ -301,6 +420,19 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
             f"{(g.required_successes - 1) * g.interval_s:.1f} s, more than gate.deadline_s ({g.deadline_s} s)"
         )
     return problems
+
+
+def _known_fields(model: type[dg.Config], data: dict) -> dict:
+    out = {}
+    for name, value in data.items():
+        info = model.model_fields.get(name)
+        if info is None:
+            continue
+        sub = info.annotation
+        if isinstance(value, dict) and isinstance(sub, type) and issubclass(sub, dg.Config):
+            value = _known_fields(sub, value)
+        out[name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -353,8 +485,9 @@ class ReleaseSpec:
 
     @classmethod
     def from_json(cls, data: dict, *, version: Optional[str] = None) -> "ReleaseSpec":
+        """A recorded spec back (fields that a newer ops-pipeline no longer has are dropped; new ones get defaults)."""
         return cls(
-            config=ReleaseConfig(**data["config"]),
+            config=ReleaseConfig(**_known_fields(ReleaseConfig, data["config"])),
             version=version or data["version"],
             app_dir=data["app_dir"],
             commit=data.get("commit", ""),

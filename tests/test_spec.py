@@ -30,7 +30,7 @@ def test_defaults_release_the_example_app():
         ({"target": {"kind": "kubernetes"}}, "target.kubernetes.image_repository"),
         ({"app": {"health_path": "health"}}, "app.health_path"),
         ({"app": {"path": "/nonexistent/app"}}, "app.path"),
-        ({"app": {"required_env": ["DATABASE_URL", "BAD-NAME"]}}, "app.required_env"),
+        ({"app": {"required_env": ["JWT_SECRET", "BAD-NAME"]}}, "app.required_env"),
         ({"environment": "Prod!"}, "environment"),
         ({"environment": ""}, "environment"),
         ({"gate": {"required_successes": 30, "interval_s": 5, "deadline_s": 60}}, "gate.required_successes"),

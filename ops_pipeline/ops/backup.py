@@ -10,12 +10,21 @@ import psycopg
 from psycopg import sql
 from pydantic import Field
 
-from ops_pipeline import backups
+from ops_pipeline import backups, history
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
 from ops_pipeline.resources.backup_store import BackupStore, StoreError
 from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
-from ops_pipeline.spec import AppConfig, ReleaseConfig, ReleaseSpec, SpecError, validate_release_config
+from ops_pipeline.spec import (
+    ENV_NAME,
+    AppConfig,
+    DatabaseConfig,
+    RedisConfig,
+    ReleaseConfig,
+    ReleaseSpec,
+    SpecError,
+    validate_release_config,
+)
 
 BACKUP_RETRY = dg.RetryPolicy(max_retries=3, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
 
@@ -31,37 +40,45 @@ class BackupTargetConfig(dg.Config):
     trigger: str = Field("manual", description="Why this backup is taken: nightly | manual.")
 
 
-def target_spec(config: BackupTargetConfig) -> ReleaseSpec:
-    rc = ReleaseConfig(
-        environment=config.environment,
-        production=config.production,
-        embedded_services=config.embedded_services and not config.production,
-        app=AppConfig(database_url_env=config.database_url_env, migrations_table=config.migrations_table,
-                      required_env=[config.database_url_env], secret_env=[config.database_url_env],
-                      redis_url_env="", jwt_secret_env="", node_env_var=""),
-    )
-    problems = [p for p in validate_release_config(rc, check_paths=False) if not p.startswith("embedded_services")]
+def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None = None) -> ReleaseSpec:
+    """The environment's database settings: those of its newest recorded release (database source, embedded database
+    and role, migrations table), so a backup, drill or restore works on exactly what the release used; an environment
+    never released yet is described by this config alone."""
+    problems = []
     if config.trigger not in ("nightly", "manual"):
         problems.append(f"trigger: must be nightly or manual (got {config.trigger!r})")
+    recorded = None
+    if instance is not None and ENV_NAME.match(config.environment or ""):
+        hist = history.load(instance, config.environment)
+        recorded = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
+    if recorded:
+        rc = ReleaseSpec.from_json(recorded).config
+        rc = rc.model_copy(update={"embedded_services": rc.embedded_services and config.embedded_services})
+    else:
+        app = AppConfig(migrations_table=config.migrations_table, required_env=[], secret_env=[], jwt_secret_env="",
+                        node_env_var="", database=DatabaseConfig(url_from=f"env:{config.database_url_env}"),
+                        redis=RedisConfig(enabled=False))
+        rc = ReleaseConfig(environment=config.environment, production=config.production,
+                           embedded_services=config.embedded_services and not config.production, app=app)
+    problems += [p for p in validate_release_config(rc, check_paths=False)]
     if problems:
         raise dg.Failure(description=str(SpecError(problems)), allow_retries=False)
     return ReleaseSpec(config=rc, version="", app_dir="", extra={"trigger": config.trigger})
 
 
-@dg.op(description="Resolves which environment's database the backup job works on (validated, no side effects).",
+@dg.op(description="Resolves which environment's database the backup job works on: the settings of its newest "
+                   "recorded release (validated, no side effects).",
        tags={"stage": "backup"})
-def backup_target(config: BackupTargetConfig) -> ReleaseSpec:
-    return target_spec(config)
+def backup_target(context: dg.OpExecutionContext, config: BackupTargetConfig) -> ReleaseSpec:
+    return target_spec(config, context.instance)
 
 
 def database_url(spec: ReleaseSpec, local_stack: LocalStack):
-    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production,
-                          local_stack=local_stack)
-    url = env.get(spec.app.database_url_env)
-    if not url:
-        raise dg.Failure(description=f"{spec.app.database_url_env} is not set for environment '{spec.environment}'",
+    env = resolve_app_env(spec.config, local_stack)
+    if not env.database_url:
+        raise dg.Failure(description=f"no database for environment '{spec.environment}': {'; '.join(env.missing)}",
                          allow_retries=False)
-    return url, env
+    return env.database_url, env
 
 
 def backup_materialization(manifest: dict, store: BackupStore) -> dg.AssetMaterialization:
@@ -303,7 +320,8 @@ class RestoreConfig(dg.Config):
 def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreConfig, postgres: PostgresResource,
                      backup_store: BackupStore, local_stack: LocalStack) -> dict:
     spec = target_spec(BackupTargetConfig(environment=config.environment, production=config.production,
-                                          embedded_services=config.embedded_services, database_url_env=config.database_url_env))
+                                          embedded_services=config.embedded_services, database_url_env=config.database_url_env),
+                       context.instance)
     url, env = database_url(spec, local_stack)
     info = ConnInfo.parse(url)
     live = info.database

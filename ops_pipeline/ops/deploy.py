@@ -39,8 +39,8 @@ def rolling_deploy(
     local_stack: LocalStack,
     deploy_targets: DeployTargets,
 ) -> dict:
-    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production, local_stack=local_stack)
-    take_environment_lock(context, spec, postgres, env.get(spec.app.database_url_env))
+    env = resolve_app_env(spec.config, local_stack)
+    take_environment_lock(context, spec, postgres, env.database_url)
     target = deploy_targets.for_spec(spec, env.redactor)
     try:
         report = target.rollout(artifact, spec.version, env.for_process(), context.log.info)

@@ -17,12 +17,14 @@ def run_gate(spec: ReleaseSpec, version: str, prober: HttpProber, target, log) -
     g = spec.gate
     t0 = time.monotonic()
     ok, probes = prober.wait_healthy(spec.health_url, version=version, successes=g.required_successes,
-                                     interval_s=g.interval_s, timeout_s=g.request_timeout_s, deadline_s=g.deadline_s)
+                                     interval_s=g.interval_s, timeout_s=g.request_timeout_s, deadline_s=g.deadline_s,
+                                     version_from=spec.app.health_version)
     instance_probes: list[Probe] = []
     if ok:
         for inst in target.serving():
             if inst.probe_url:
-                instance_probes.append(prober.probe(inst.probe_url, timeout_s=g.request_timeout_s))
+                instance_probes.append(prober.probe(inst.probe_url, timeout_s=g.request_timeout_s,
+                                                           version_from=spec.app.health_version))
         stale = [p for p in instance_probes if not p.healthy_for(version)]
         if stale:
             ok = False
@@ -59,7 +61,7 @@ def health_gate(
     local_stack: LocalStack,
     deploy_targets: DeployTargets,
 ) -> dict:
-    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production, local_stack=local_stack)
+    env = resolve_app_env(spec.config, local_stack)
     target = deploy_targets.for_spec(spec, env.redactor)
     ok, evidence, _ = run_gate(spec, spec.version, deploy_targets.prober, target, context.log.info)
     md = {

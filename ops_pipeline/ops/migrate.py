@@ -82,8 +82,8 @@ def migrate_database(
 ) -> MigrationResult:
     if not backup.get("verified"):
         raise dg.Failure(description="no verified backup: refusing to migrate", allow_retries=False)
-    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production, local_stack=local_stack)
-    url = env.get(spec.app.database_url_env)
+    env = resolve_app_env(spec.config, local_stack)
+    url = env.database_url
     take_environment_lock(context, spec, postgres, url)
     table = spec.app.migrations_table
     before = applied_migrations(postgres, url, table)

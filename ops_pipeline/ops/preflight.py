@@ -43,6 +43,10 @@ def tag_run(context: dg.OpExecutionContext, tags: dict[str, str]) -> None:
         context.log.warning(f"could not tag the run: {type(exc).__name__}")
 
 
+def _names(conn) -> str:
+    return ", ".join(v for v in conn.model_dump().values() if v)
+
+
 def check_release_config(config: ReleaseConfig) -> None:
     problems = validate_release_config(config)
     if problems:
@@ -68,10 +72,8 @@ def verify_env(
     check_release_config(config)
     app = config.app
     app_dir = paths.resolve(app.path)
-    env = resolve_app_env(app, embedded=config.embedded_services and not config.production, local_stack=local_stack)
-    errors: list[str] = []
-    if env.missing:
-        errors.append(f"missing required environment variables: {', '.join(env.missing)}")
+    env = resolve_app_env(config, local_stack)
+    errors: list[str] = list(env.missing)
 
     node_env = env.get(app.node_env_var) if app.node_env_var else None
     if app.node_env_var and node_env is not None and node_env != "production":
@@ -88,19 +90,20 @@ def verify_env(
         if secret.strip().lower() in KNOWN_DEFAULT_SECRETS:
             errors.append(f"{app.jwt_secret_env} is a well-known default value; set a random secret")
 
+    # Checked as the app will receive them: its URL variable, else the parts under its own names.
     checks: dict[str, dict] = {}
-    db_url = env.get(app.database_url_env)
+    db_url = env.database_check_url(app.database.app_vars) if env.database_url else None
     if db_url:
         try:
             checks["database"] = postgres.check(db_url, timeout_s=config.dependency_timeout_s)
         except DatabaseError as exc:
-            errors.append(f"database check failed: {env.redactor(str(exc))}")
-    redis_url = env.get(app.redis_url_env) if app.redis_url_env else None
+            errors.append(f"database check failed (with the app's {_names(app.database.app_vars)}): {env.redactor(str(exc))}")
+    redis_url = env.redis_check_url(app.redis.app_vars) if env.redis_url else None
     if redis_url:
         try:
             checks["redis"] = redis.ping(redis_url, timeout_s=config.dependency_timeout_s)
         except RedisError as exc:
-            errors.append(f"redis check failed: {env.redactor(str(exc))}")
+            errors.append(f"redis check failed (with the app's {_names(app.redis.app_vars)}): {env.redactor(str(exc))}")
 
     if errors:
         raise dg.Failure(
@@ -122,12 +125,13 @@ def verify_env(
             "commit": f"{commit or 'not a git checkout'}{' (dirty)' if dirty else ''}",
             "target": f"{config.target.kind.value} x{config.target.instances}",
             "public_url": dg.MetadataValue.url(spec.public_url),
-            "variables": dg.MetadataValue.json({name: env.sources.get(name, "missing") for name in app.required_env}),
+            "variables": dg.MetadataValue.json(dict(sorted(env.sources.items()))),
             "dependency_checks": dg.MetadataValue.json(checks),
         }
     )
     context.log.info(
-        f"environment '{config.environment}' ready: {len(app.required_env)} variables set "
-        f"({', '.join(f'{k} from {v}' for k, v in env.sources.items())}); database and Redis answer"
+        f"environment '{config.environment}' ready: {len(env.values)} variables set "
+        f"({', '.join(f'{k} from {v}' for k, v in env.sources.items())}); "
+        f"{' and '.join(checks) or 'no dependency'} answer{'s' if len(checks) == 1 else ''}"
     )
     return spec

@@ -129,8 +129,8 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
     if plan["noop"]:
         return {**plan, "rollout": None}
     spec = ReleaseSpec.from_json(plan["target_spec"], version=plan["target_version"])
-    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production, local_stack=local_stack)
-    take_environment_lock(context, spec, postgres, env.get(spec.app.database_url_env))
+    env = resolve_app_env(spec.config, local_stack)
+    take_environment_lock(context, spec, postgres, env.database_url)
     target = deploy_targets.for_spec(spec, env.redactor)
     artifact = Artifact.from_json(plan["target_artifact"])
     try:
@@ -153,7 +153,7 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
 def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: LocalStack, deploy_targets: DeployTargets,
                   notifier: Notifier) -> dict:
     spec = ReleaseSpec.from_json(deployed["target_spec"], version=deployed["target_version"])
-    env = resolve_app_env(spec.app, embedded=spec.config.embedded_services and not spec.config.production, local_stack=local_stack)
+    env = resolve_app_env(spec.config, local_stack)
     target = deploy_targets.for_spec(spec, env.redactor)
     ok, evidence, _ = run_gate(spec, spec.version, deploy_targets.prober, target, context.log.info)
     if not ok:

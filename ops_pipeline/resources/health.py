@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import dagster as dg
 import httpx
@@ -15,24 +15,37 @@ from pydantic import Field
 @dataclass
 class Probe:
     url: str
-    ok: bool  # HTTP 200 with a JSON body
+    ok: bool  # a 2xx answer (JSON or text)
     status: int | None
-    version: str | None
+    version: str | None  # as reported where the spec's health_version says; None when not reported
     latency_ms: float
     error: str = ""
-    body: dict | None = None
+    body: dict | str | None = None
     at: float = field(default_factory=time.time)
+    version_checked: bool = True  # False when the spec turns the version check off
 
     def healthy_for(self, version: str | None) -> bool:
-        return self.ok and (version is None or self.version == version)
+        return self.ok and (version is None or not self.version_checked or self.version == version)
 
     def summary(self) -> str:
         if self.error:
             return f"{self.url}: {self.error} ({self.latency_ms:.0f} ms)"
-        return f"{self.url}: HTTP {self.status} version={self.version} ({self.latency_ms:.0f} ms) {json.dumps(self.body)[:200] if self.body else ''}"
+        body = json.dumps(self.body) if isinstance(self.body, dict) else (self.body or "")
+        version = f" version={self.version}" if self.version_checked else ""
+        return f"{self.url}: HTTP {self.status}{version} ({self.latency_ms:.0f} ms) {body[:200]}"
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+
+def reported_version(resp: httpx.Response, body, version_from: str) -> str | None:
+    """The version a health answer reports, read where `version_from` says (json:<a.b.c>, header:<Name>)."""
+    kind, _, where = version_from.partition(":")
+    if kind == "header":
+        return resp.headers.get(where)
+    if kind == "json":
+        value = body
+        for key in where.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        return None if value is None or isinstance(value, (dict, list)) else str(value)
+    return None
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -48,7 +61,8 @@ class HttpProber(dg.ConfigurableResource):
 
     user_agent: str = Field("ops-pipeline-health/1", description="User-Agent of probes.")
 
-    def probe(self, url: str, timeout_s: float = 5.0) -> Probe:
+    def probe(self, url: str, timeout_s: float = 5.0, version_from: str = "json:version") -> Probe:
+        """One GET of `url`. Healthy: a 2xx answer; the version is read where `version_from` says (off: not read)."""
         started = time.monotonic()
         try:
             # A fresh connection per probe: a kept-alive socket to a dying instance says nothing about the service.
@@ -58,22 +72,23 @@ class HttpProber(dg.ConfigurableResource):
             try:
                 body = resp.json()
             except ValueError:
-                body = None
-            version = body.get("version") if isinstance(body, dict) else None
-            return Probe(url=url, ok=resp.status_code == 200 and isinstance(body, dict), status=resp.status_code,
-                         version=version, latency_ms=latency, body=body if isinstance(body, dict) else None)
+                body = resp.text[:500]
+            return Probe(url=url, ok=200 <= resp.status_code < 300, status=resp.status_code,
+                         version=reported_version(resp, body, version_from), latency_ms=latency,
+                         body=body if isinstance(body, (dict, str)) else json.dumps(body)[:500],
+                         version_checked=version_from != "off")
         except httpx.HTTPError as exc:
             return Probe(url=url, ok=False, status=None, version=None, latency_ms=(time.monotonic() - started) * 1000,
                          error=f"{type(exc).__name__}: {exc}"[:300])
 
     def wait_healthy(self, url: str, *, version: str | None, successes: int, interval_s: float, timeout_s: float,
-                     deadline_s: float, should_abort=None) -> tuple[bool, list[Probe]]:
+                     deadline_s: float, should_abort=None, version_from: str = "json:version") -> tuple[bool, list[Probe]]:
         """Probe until `successes` consecutive healthy answers reporting `version`, or the deadline."""
         probes: list[Probe] = []
         streak = 0
         end = time.monotonic() + deadline_s
         while True:
-            p = self.probe(url, timeout_s=min(timeout_s, max(0.1, end - time.monotonic())))
+            p = self.probe(url, timeout_s=min(timeout_s, max(0.1, end - time.monotonic())), version_from=version_from)
             probes.append(p)
             streak = streak + 1 if p.healthy_for(version) else 0
             if streak >= successes:
