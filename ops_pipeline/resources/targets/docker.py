@@ -30,6 +30,7 @@ runs, which version, which slot, which published port.
 from __future__ import annotations
 
 import io
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ from ops_pipeline.resources.targets.base import (
     RolloutError,
     RolloutReport,
 )
+from ops_pipeline.resources.targets.docker_engine import DockerEngine, ImageBuildError, image_tag
 from ops_pipeline.resources.targets.nginx import HostNginx, NginxError
 from ops_pipeline.resources.targets.procs import established_to
 from ops_pipeline.resources.targets.relay import HostRelays, loopback_to_gateway
@@ -71,11 +73,11 @@ KEEP_OLD_IMAGES = 3
 class DockerTarget(DeployTarget):
     kind = "docker"
 
-    def __init__(self, spec: ReleaseSpec, engine, prober: HttpProber, redactor: Redactor) -> None:
+    def __init__(self, spec: ReleaseSpec, engine: DockerEngine, prober: HttpProber, redactor: Redactor | None = None) -> None:
         self.spec = spec
         self.engine = engine
         self.prober = prober
-        self.redactor = redactor
+        self.redactor = engine.redactor(redactor)
         cfg = spec.target.docker
         self.cfg = cfg
         self.app = spec.app.name
@@ -154,8 +156,6 @@ class DockerTarget(DeployTarget):
 
     # ---- image ----------------------------------------------------------------------------------
     def prepare(self, artifact: Artifact, version: str, log: LogFn) -> str:
-        from ops_pipeline.resources.images import ImageBuildError
-
         if artifact.kind != "image":
             raise RolloutError(f"artifact {artifact.id} is a {artifact.kind}, not an image: the Docker target runs images",
                                RolloutReport(version, []))
@@ -182,8 +182,6 @@ class DockerTarget(DeployTarget):
         for cfg in (net.attrs.get("IPAM") or {}).get("Config") or []:
             subnet = cfg.get("Subnet") or ""
             if subnet and ":" not in subnet:
-                import ipaddress
-
                 return str(next(ipaddress.ip_network(subnet, strict=False).hosts()))
         raise RolloutError(f"network {self.network_name} has no IPv4 gateway", RolloutReport(self.spec.version, []))
 
@@ -495,7 +493,6 @@ class DockerTarget(DeployTarget):
         """Remove this environment's stopped containers, and local images of this repository beyond the newest few
         that are neither running anywhere nor tagged with a version in `keep_versions` (their registry copies stay)."""
         import docker
-        from ops_pipeline.resources.images import image_tag
 
         removed: list[str] = []
         try:
