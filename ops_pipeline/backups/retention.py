@@ -25,9 +25,6 @@ class RetentionPlan:
     delete: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # incomplete folders old enough to remove
 
-    def summary(self) -> dict:
-        return {"keep": {k: v for k, v in self.keep.items()}, "delete": self.delete, "orphans": self.orphans}
-
 
 def plan_retention(manifests: list[dict], policy: RetentionPolicy, *, incomplete: list[tuple[str, float]] = (),
                    now: float | None = None, orphan_age_s: float = 86400) -> RetentionPlan:

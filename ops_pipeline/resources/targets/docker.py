@@ -485,9 +485,6 @@ class DockerTarget(DeployTarget):
             serving,
         )
 
-    def instance_probe_urls(self) -> list[str]:
-        return [i.probe_url for i in self.serving() if i.probe_url]
-
     # ---- housekeeping ---------------------------------------------------------------------------
     def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
         """Remove this environment's stopped containers, and local images of this repository beyond the newest few
