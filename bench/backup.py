@@ -701,12 +701,12 @@ def report(facts: dict, source: dict, result: dict, runs: int) -> dict:
 @contextlib.contextmanager
 def chunk_size(size: int) -> Iterator[None]:
     """Temporarily change take_backup's pipe read size (a module constant). Benchmark only: nothing is edited."""
-    old = backups.CHUNK
-    backups.CHUNK = size
+    old = backups.common.CHUNK
+    backups.common.CHUNK = size
     try:
         yield
     finally:
-        backups.CHUNK = old
+        backups.common.CHUNK = old
 
 
 def compressor(level: int, threads: int, params: dict | None):

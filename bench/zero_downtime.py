@@ -48,13 +48,14 @@ def release_config(app: Path, env: str, version: str, port: int, docker: bool) -
 def remove_docker_environment(env: str) -> None:
     """The environment's containers, nginx, network and host relays (read from the engine by their labels)."""
     from ops_pipeline.resources.health import HttpProber
-    from ops_pipeline.resources.images import DockerEngine
+    from ops_pipeline.resources.targets.docker import DockerTarget
+    from ops_pipeline.resources.targets.docker_engine import DockerEngine
     from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
 
     cfg = ReleaseConfig(environment=env, app={"path": str(ROOT / "examples" / "node-api")},
                         target=release_config(ROOT, env, "-", 0, True)["ops"]["verify_env"]["config"]["target"])
-    target = DockerEngine(base_url=os.environ.get("DOCKER_HOST", "")).target(
-        ReleaseSpec(config=cfg, version="cleanup", app_dir=str(ROOT / "examples" / "node-api")), HttpProber())
+    target = DockerTarget(ReleaseSpec(config=cfg, version="cleanup", app_dir=str(ROOT / "examples" / "node-api")),
+                          DockerEngine(base_url=os.environ.get("DOCKER_HOST", "")), HttpProber())
     try:
         print(f"removed {env}: {', '.join(target.stop_all()) or 'nothing'}", flush=True)
     finally:

@@ -8,7 +8,7 @@ as text (streamed command output, error messages, metadata) goes through one.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from urllib.parse import urlsplit, urlunsplit
 
 MASK = "***"
@@ -56,12 +56,6 @@ class Redactor:
                 self._secrets.add(pw)
         return self
 
-    def add_env(self, env: Mapping[str, str], names: Iterable[str] | None = None) -> Redactor:
-        """Add the values of `names` (default: every variable whose name looks secret)."""
-        keys = list(names) if names is not None else [k for k in env if looks_secret(k)]
-        self.add(*(env.get(k) for k in keys))
-        return self
-
     def __call__(self, text: str) -> str:
         if not text:
             return text
@@ -71,16 +65,6 @@ class Redactor:
             if secret in text:
                 text = text.replace(secret, MASK)
         return text
-
-    def redact_obj(self, obj):
-        """Redact every string inside a JSON-like structure."""
-        if isinstance(obj, str):
-            return self(obj)
-        if isinstance(obj, Mapping):
-            return {k: self.redact_obj(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return [self.redact_obj(v) for v in obj]
-        return obj
 
     @property
     def secrets(self) -> frozenset[str]:

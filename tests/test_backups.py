@@ -292,8 +292,8 @@ def test_restore_reproduces_every_value_whatever_the_read_size(scratch_db, store
         c.execute("INSERT INTO measures SELECT '2026-01-01'::date + i % 300, i FROM generate_series(1, 1000) i")
         c.execute("SELECT setval('orders_id_seq', 424242)")
     m = backups.take_backup(PG, store, scratch_db, trigger="manual", environment="test", log=print)
-    monkeypatch.setattr(backups, "CHUNK", chunk)
-    monkeypatch.setattr(backups, "ROWS_IN_MEMORY", 64 << 10 if chunk > 7 else 8 << 20)
+    monkeypatch.setattr(backups.common, "CHUNK", chunk)
+    monkeypatch.setattr(backups.streamed, "ROWS_IN_MEMORY", 64 << 10 if chunk > 7 else 8 << 20)
     target = f"l_{time.time_ns() % 10**8}"
     result = backups.restore_into(PG, store, m, scratch_db, target, jobs=2, log=print)
     try:
@@ -466,7 +466,7 @@ def test_spool_writes_in_full_and_reads_back_in_order(tmp_path, monkeypatch):
     reader that runs behind gets every byte in order."""
     real_write = os.write
     monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, bytes(data[:3])))
-    spool = backups._Spool(str(tmp_path / "t.copy"), backups._Budget(10))
+    spool = backups.spool.Spool(str(tmp_path / "t.copy"), backups.spool.Budget(10))
     blocks = [b"1\tone\n", b"2\ttwo\n" * 50, b"3\tthree\n"]
     for block in blocks:
         spool.write(block)

@@ -11,7 +11,7 @@ from ops_pipeline.ops.migrate import MigrationResult, migrate_database
 from ops_pipeline.ops.preflight import verify_env
 from ops_pipeline.ops.tests import run_tests
 from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.images import DockerEngine
+from ops_pipeline.resources.targets.docker_engine import DockerEngine
 from ops_pipeline.resources.postgres import PostgresResource
 from ops_pipeline.resources.redis import RedisResource
 from ops_pipeline.spec import ReleaseConfig

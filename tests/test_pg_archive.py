@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from ops_pipeline.pg_archive import SECTION_DATA, SECTION_POST_DATA, ArchiveError, ArchiveReader, UnsupportedArchive
+from ops_pipeline.backups.pg_archive import SECTION_DATA, SECTION_POST_DATA, ArchiveError, ArchiveReader, UnsupportedArchive
 from ops_pipeline.resources.postgres import PostgresResource
 
 PG = PostgresResource()

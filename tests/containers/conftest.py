@@ -138,13 +138,14 @@ def docker_run_config(app_dir: Path, environment: str, *, version: str, port: in
 
 def docker_target_for(environment: str, port: int, app_dir: Path | str = ""):
     from ops_pipeline.resources.health import HttpProber
-    from ops_pipeline.resources.images import DockerEngine
+    from ops_pipeline.resources.targets.docker import DockerTarget
+    from ops_pipeline.resources.targets.docker_engine import DockerEngine
     from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
 
     cfg = ReleaseConfig(environment=environment, app={"path": str(app_dir or ROOT)},
                         target={**docker_target_config(), "port": port, "instances": 3})
     spec = ReleaseSpec(config=cfg, version="inspect", app_dir=str(app_dir or ROOT))
-    return DockerEngine(base_url=os.environ.get("DOCKER_HOST", "")).target(spec, HttpProber())
+    return DockerTarget(spec, DockerEngine(base_url=os.environ.get("DOCKER_HOST", "")), HttpProber())
 
 
 def _environment(name: str, backups: Path):

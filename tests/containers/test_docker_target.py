@@ -12,7 +12,7 @@ import pytest
 
 import docker
 from ops_pipeline.local_stack import free_port
-from ops_pipeline.resources.images import DockerEngine
+from ops_pipeline.resources.targets.docker_engine import DockerEngine
 from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
 from tests import app_variants
 from tests.containers.conftest import (
@@ -337,7 +337,7 @@ def test_nginx_keeps_idle_keepalive_connections_through_reloads_where_it_can(tmp
 
 
 def test_build_step_lines_of_podman_and_docker_are_recognised():
-    from ops_pipeline.resources.images import _STEP, image_tag, repository_registry
+    from ops_pipeline.resources.targets.docker_engine import _STEP, image_tag, repository_registry
 
     m = _STEP.match("[1/2] STEP 4/8: RUN npm ci --no-audit --no-fund")
     assert (m["stage"], m["n"], m["m"], m["what"]) == ("1/2", "4", "8", "RUN npm ci --no-audit --no-fund")

@@ -6,9 +6,10 @@ from pydantic import Field
 
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.resources.health import HttpProber
-from ops_pipeline.resources.images import DockerEngine
 from ops_pipeline.resources.kubernetes import KubernetesResource
 from ops_pipeline.resources.targets.base import DeployTarget
+from ops_pipeline.resources.targets.docker import DockerTarget
+from ops_pipeline.resources.targets.docker_engine import DockerEngine
 from ops_pipeline.resources.targets.pm2 import Pm2Resource
 from ops_pipeline.spec import DeployTargetKind, ReleaseSpec
 
@@ -31,7 +32,7 @@ class DeployTargets(dg.ConfigurableResource):
         if kind == DeployTargetKind.pm2:
             return self.pm2.target(spec, self.prober, redactor)
         if kind == DeployTargetKind.docker:
-            return self.docker.target(spec, self.prober, redactor)
+            return DockerTarget(spec, self.docker, self.prober, redactor)
         if kind == DeployTargetKind.kubernetes:
             return self.kubernetes.target(spec, redactor)
         raise ValueError(f"target.kind: unknown deploy target {kind!r}")

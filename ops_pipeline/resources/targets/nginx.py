@@ -9,6 +9,7 @@ can wait until it has finished its in-flight requests (`wait_gone`) before stopp
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -146,8 +147,6 @@ http {{
         tmp = self.root / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
-            import pwd
-
             try:
                 nobody = pwd.getpwnam("nobody")
                 for d in [tmp, *tmp.iterdir()]:

@@ -1,6 +1,6 @@
 """The header and table of contents of a pg_dump custom-format archive (`-Fc`), read from the start of a stream.
 
-`pg_restore --list` prints the entries but not their dependencies, which the restore (backups.restore_into)
+`pg_restore --list` prints the entries but not their dependencies, which the restore (restore.restore_into)
 needs to start an index build as soon as its table is loaded, and it needs a file. This reader takes the
 entries, their dependencies and the exact header+TOC bytes (`prefix`) from the first bytes of the decompressed
 stream and hands the rest of the stream on (`rest()`) untouched. pg_restore accepts `prefix` alone as an
