@@ -9,8 +9,16 @@ STATE := $(or $(OPS_STATE_DIR),$(CURDIR)/.ops)
 export DAGSTER_HOME ?= $(STATE)/dagster_home
 export OPS_PROJECT_ROOT := $(CURDIR)
 export DAGSTER_DISABLE_TELEMETRY := 1
+# `dg` (the Dagster CLI the 1.13 docs recommend) wants the project's venv activated.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+ENVIRONMENT_GIVEN := $(ENVIRONMENT)
 ENVIRONMENT ?= local
 PORT ?= 3000
+# Jobs print a short account of their run; VERBOSE=1 puts the whole Dagster log on the terminal too
+# (it is always kept in <state>/logs/, and the path is printed).
+VERBOSE ?=
+LAUNCH = $(BIN)/python -m ops_pipeline.run_report launch $(if $(VERBOSE),--verbose)
 
 .PHONY: setup demo release rollback backup drill ui test test-fast validate status down clean
 
@@ -32,36 +40,37 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 
 setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml
 
-## demo: release examples/node-api to the `local` environment on the embedded stack, through the dagster CLI.
+## demo: release examples/node-api to the `local` environment on the embedded stack, through `dg launch`.
 demo: setup
-	$(BIN)/python -m ops_pipeline.local_stack up
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j release -c presets/local.yaml
+	@$(BIN)/python -m ops_pipeline.local_stack up
+	@$(LAUNCH) release presets/local.yaml
 	@echo
 	@$(BIN)/python -m ops_pipeline.status local
 	@echo
 	@echo "Open the Dagster UI: make ui  (then http://127.0.0.1:$(PORT))"
 
 release: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j release -c presets/$(ENVIRONMENT).yaml
+	@$(LAUNCH) release presets/$(ENVIRONMENT).yaml
 
 rollback: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j rollback -c presets/rollback-$(ENVIRONMENT).yaml
+	@$(LAUNCH) rollback presets/rollback-$(ENVIRONMENT).yaml
 
 backup: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j backup -c presets/backup-local.yaml
+	@$(LAUNCH) backup presets/backup-local.yaml
 
 drill: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j restore_drill -c presets/backup-local.yaml
+	@$(LAUNCH) restore_drill presets/backup-local.yaml
 
 ## ui: the Dagster UI + daemon (schedules, sensors, run queue) on the persistent local instance.
 ui: setup
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+	dg dev -h 127.0.0.1 -p $(PORT)
 
+## status: what serves every environment of the state folder (or ENVIRONMENT=name only).
 status: setup
-	@$(BIN)/python -m ops_pipeline.status $(ENVIRONMENT)
+	@$(BIN)/python -m ops_pipeline.status $(ENVIRONMENT_GIVEN)
 
 validate: setup
-	$(BIN)/dagster definitions validate -w workspace.yaml
+	dg check defs
 
 ## test: the whole suite (real PostgreSQL, Redis, PM2, S3 server, dagster daemon/webserver, browser, Podman).
 test: setup
@@ -70,8 +79,9 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e and not browser and not containers and not faults"
 
+## down: stop every environment's PM2 daemon and nginx front proxy, then the embedded PostgreSQL/Redis.
 down:
-	-PM2_HOME=$(STATE)/envs/$(ENVIRONMENT)/pm2 tools/node_modules/.bin/pm2 kill >/dev/null 2>&1
+	-@$(BIN)/python -m ops_pipeline.status --down
 	-$(BIN)/python -m ops_pipeline.local_stack down
 
 clean: down
