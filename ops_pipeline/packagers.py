@@ -90,7 +90,8 @@ class PackageManager:
             return "yarn install --production --frozen-lockfile --non-interactive"
         if self.flavor == "berry":
             return "yarn workspaces focus --all --production"
-        return "pnpm install --prod --frozen-lockfile"
+        # copied, not hard-linked from pnpm's global store: the bundle is read-only and must own its files
+        return "pnpm install --prod --frozen-lockfile --package-import-method=copy"
 
     def run_script(self, script: str) -> str:
         return f"npm run {script}" if self.flavor == "npm" else f"{self.name} run {script}"
@@ -203,20 +204,39 @@ def provide(pm: PackageManager, log, timeout_s: float) -> dict[str, str]:
             log(f"{pm.label}: installing {pm.registry_package} from the npm registry into {prefix}")
             prefix.mkdir(parents=True, exist_ok=True)
             (prefix / "package.json").write_text('{"private": true}\n')
-            run(Command(["npm", "install", "--no-audit", "--no-fund", "--no-save", "--prefix", str(prefix),
+            # --ignore-scripts: yarn's only script (preinstall) concerns global installs; pnpm has none
+            run(Command(["npm", "install", "--no-audit", "--no-fund", "--no-save", "--ignore-scripts", "--prefix", str(prefix),
                          pm.registry_package], timeout_s=timeout_s, label=f"install {pm.registry_package}"), log=log)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if pm.name == "yarn":
-        env.update({"YARN_ENABLE_TELEMETRY": "0", "YARN_ENABLE_GLOBAL_CACHE": "false" if pm.release else "true",
-                    "YARN_IGNORE_PATH": "0"})
-    if pm.name == "pnpm":
-        env["COREPACK_ENABLE_STRICT"] = "0"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "COREPACK_ENABLE_STRICT": "0"}
+    if pm.flavor == "berry":
+        env["YARN_ENABLE_TELEMETRY"] = "0"
     return env
 
 
 def per_directory_env(pm: PackageManager, cwd: Path) -> dict[str, str]:
     """Variables that depend on the folder a command runs in (the committed yarn release's absolute path)."""
     return {"OPS_YARN_RELEASE": str(Path(cwd) / pm.release)} if pm.release else {}
+
+
+def plug_n_play(pm: PackageManager, app_dir: Path) -> bool:
+    """yarn Berry without `nodeLinker: node-modules`: dependencies are zips in .yarn/cache loaded through .pnp.cjs."""
+    return pm.flavor == "berry" and str(_yarnrc(app_dir).get("nodeLinker") or "pnp") == "pnp"
+
+
+def production_env(pm: PackageManager, bundle: Path) -> dict[str, str]:
+    """Variables of the production install inside a bundle: a Plug'n'Play bundle keeps its own cache (the global
+    one would be outside the bundle)."""
+    env = per_directory_env(pm, bundle)
+    if plug_n_play(pm, bundle):
+        env["YARN_ENABLE_GLOBAL_CACHE"] = "false"
+    return env
+
+
+def tidy_bundle(pm: PackageManager, bundle: Path) -> None:
+    """Remove what a production install leaves that the app never reads and that differs from one install to the
+    next (it would change the content hash of identical bundles)."""
+    if pm.flavor == "berry":
+        (bundle / ".yarn" / "install-state.gz").unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

@@ -182,33 +182,49 @@ def parse_node_spec(output: str) -> TestReport:
 
 
 def parse_junit_xml(xml_text: str | bytes) -> TestReport:
-    """A JUnit XML report: <testsuites>/<testsuite>/<testcase> with <failure>, <error> or <skipped> children."""
+    """A JUnit XML report: <testsuites>/<testsuite> (nested or not)/<testcase> with <failure>, <error> or <skipped>.
+
+    A failing test is named `suite > ... > test`: from its classname when that says more than its name (mocha's
+    xunit), else from the nested suites around it (node:test's junit, whose classname is always "test")."""
     report = TestReport(format="junit")
     root = ET.fromstring(xml_text)
-    cases = list(root.iter("testcase"))
-    names = []
-    for case in cases:
+    names: list[str] = []
+
+    def walk(element: ET.Element, suites: list[str]) -> None:
+        for child in element:
+            if child.tag == "testsuite":
+                walk(child, [*suites, (child.get("name") or "").strip()])
+            elif child.tag == "testcase":
+                count(child, suites)
+
+    def count(case: ET.Element, suites: list[str]) -> None:
         report.total += 1
-        if case.find("failure") is not None or case.find("error") is not None:
-            report.failed += 1
-            cls, name = (case.get("classname") or "").strip(), (case.get("name") or "").strip()
-            if not cls or cls in name:
-                full = name
-            elif name in cls:
-                full = cls
+        if case.find("failure") is None and case.find("error") is None:
+            if case.find("skipped") is not None:
+                report.skipped += 1
             else:
-                full = f"{cls} > {name}"
-            names.append(full)
-        elif case.find("skipped") is not None:
-            report.skipped += 1
+                report.passed += 1
+            return
+        report.failed += 1
+        cls, name = (case.get("classname") or "").strip(), (case.get("name") or "").strip()
+        if cls == name:  # jest-junit: both are the full title
+            prefix = []
+        elif cls and cls != "test" and cls not in name:
+            prefix = [cls]
         else:
-            report.passed += 1
-    if not cases:  # a suite-level summary only
+            prefix = [s for s in suites[1:] if s and s not in name]
+        names.append(" > ".join([*prefix, name]))
+
+    if root.tag == "testcase":
+        count(root, [])
+    else:
+        walk(root, [(root.get("name") or "").strip()])  # the root's own name (a runner's label) is not a suite
+    if report.total == 0:  # suite-level summaries only
         for suite in [root] if root.tag == "testsuite" else root.iter("testsuite"):
             report.total += int(suite.get("tests") or 0)
             report.failed += int(suite.get("failures") or 0) + int(suite.get("errors") or 0)
             report.skipped += int(suite.get("skipped") or 0)
-        report.passed = report.total - report.failed - report.skipped
+        report.passed = max(0, report.total - report.failed - report.skipped)
     report.failures = list(dict.fromkeys(names))
     return report
 

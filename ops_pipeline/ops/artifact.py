@@ -22,7 +22,14 @@ import dagster as dg
 from ops_pipeline import paths
 from ops_pipeline.commands import Command, CommandError, run
 from ops_pipeline.ops.tests import command_env, package_manager
-from ops_pipeline.packagers import LOCK_FILES, PACKAGE_MANAGER_FILES, PackageManager, install_script_report, per_directory_env
+from ops_pipeline.packagers import (
+    LOCK_FILES,
+    PACKAGE_MANAGER_FILES,
+    PackageManager,
+    install_script_report,
+    production_env,
+    tidy_bundle,
+)
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.resources.images import DockerEngine, ImageBuildError
 from ops_pipeline.resources.targets.base import Artifact
@@ -124,7 +131,7 @@ def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redac
         return
     extra_env, hidden = command_env(spec, pm, log)
     extra_env["NODE_ENV"] = "production"
-    extra_env.update(per_directory_env(pm, staging))
+    extra_env.update(production_env(pm, staging))
     log(f"production dependencies with {pm.label}: $ {command}")
     try:
         run(Command(command, cwd=str(staging), env=extra_env, unset=tuple(hidden),
@@ -133,6 +140,7 @@ def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redac
     except CommandError as exc:
         why = install_script_report(exc.result.output).explain(pm) if exc.result is not None else ""
         raise CommandError(f"{exc}" + (f"\n{why}" if why else ""), exc.result) from None
+    tidy_bundle(pm, staging)
     if (staging / "node_modules").is_dir():
         tmp = cache.parent.parent / f".tmp-{uuid.uuid4().hex[:8]}"
         shutil.copytree(staging / "node_modules", tmp / "node_modules", copy_function=paths.link_or_copy, symlinks=True)
