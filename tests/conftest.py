@@ -147,13 +147,13 @@ def _copy_app(src: Path, dst: Path, *, link_node_modules: bool = True) -> Path:
 def node_app(state_dir) -> Path:
     """A private copy of examples/node-api with its dependencies installed once per session."""
     dst = _copy_app(EXAMPLE_APP, state_dir / "apps" / "node-api", link_node_modules=False)
-    from ops_pipeline.ops.tests import INSTALL_STAMP, _install_stamp
-    from ops_pipeline.spec import CommandsConfig
+    from ops_pipeline.ops.tests import INSTALL_STAMP, install_stamp
+    from ops_pipeline.packagers import detect
 
-    install = CommandsConfig().install
-    subprocess.run(install.split(), cwd=dst, check=True, capture_output=True, timeout=600)
+    pm = detect(dst)
+    subprocess.run(pm.install().split(), cwd=dst, check=True, capture_output=True, timeout=600)
     # what run_tests itself records after an install: releases of this copy skip the (identical) install
-    (dst / "node_modules" / INSTALL_STAMP).write_text(_install_stamp(dst, install))
+    (dst / "node_modules" / INSTALL_STAMP).write_text(install_stamp(dst, pm, pm.install()))
     subprocess.run(["npm", "run", "build"], cwd=dst, check=True, capture_output=True, timeout=300)
     return dst
 
