@@ -20,7 +20,9 @@ PORT ?= 3000
 VERBOSE ?=
 LAUNCH = $(BIN)/python -m ops_pipeline.run_report launch $(if $(VERBOSE),--verbose)
 
-.PHONY: setup demo release rollback backup drill ui test test-fast validate status down clean
+SPEC ?= presets/$(ENVIRONMENT).yaml
+
+.PHONY: setup nginx demo release rollback backup drill ui test test-fast validate init status down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +40,14 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp config/dagster.yaml $@
 
-setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml
+# The PM2 target's front proxy (and the Docker target's) is Debian's nginx; as root it is installed when missing.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx >/dev/null; \
+	  else echo "nginx is needed (the front proxy of every environment): install it, e.g. sudo apt-get install nginx"; exit 1; fi; }
+
+setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml nginx
 
 ## demo: release examples/node-api to the `local` environment on the embedded stack, through `dg launch`.
 demo: setup
@@ -49,8 +58,9 @@ demo: setup
 	@echo
 	@echo "Open the Dagster UI: make ui  (then http://127.0.0.1:$(PORT))"
 
+## release: a release from a spec file (SPEC=path; default presets/$(ENVIRONMENT).yaml).
 release: setup
-	@$(LAUNCH) release presets/$(ENVIRONMENT).yaml
+	@$(LAUNCH) release $(SPEC)
 
 rollback: setup
 	@$(LAUNCH) rollback presets/rollback-$(ENVIRONMENT).yaml
@@ -69,8 +79,14 @@ ui: setup
 status: setup
 	@$(BIN)/python -m ops_pipeline.status $(ENVIRONMENT_GIVEN)
 
+## validate: the definitions load (dg check defs); with SPEC=path, that release spec is checked too (no side effect).
 validate: setup
 	dg check defs
+	$(if $(filter command line environment,$(origin SPEC)),$(BIN)/python -m ops_pipeline.spec $(SPEC))
+
+## init: a commented starting spec for the Node app in APP=folder (written to OUT, default <app name>.yaml).
+init: setup
+	@$(BIN)/python -m ops_pipeline.init_spec $(APP) -o $(or $(OUT),$(notdir $(abspath $(APP))).yaml)
 
 ## test: the whole suite (real PostgreSQL, Redis, PM2, S3 server, dagster daemon/webserver, browser, Podman).
 test: setup

@@ -549,3 +549,34 @@ class ReleaseSpec:
             commit=data.get("commit", ""),
             dirty=bool(data.get("dirty", False)),
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ops_pipeline.spec FILE`: check a release spec (run config YAML) without side effects."""
+    import sys
+
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ops_pipeline.spec <release spec .yaml>", file=sys.stderr)
+        return 2
+    try:
+        data = yaml.safe_load(Path(args[0]).read_text())
+        config = ReleaseConfig(**data["ops"]["verify_env"]["config"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        print(f"{args[0]}: not a release spec ({type(exc).__name__}: {exc}); expected ops.verify_env.config", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # pydantic: a field of the wrong type
+        print(f"{args[0]}: {exc}", file=sys.stderr)
+        return 2
+    problems = validate_release_config(config)
+    if problems:
+        print(f"{args[0]}: {SpecError(problems)}", file=sys.stderr)
+        return 1
+    print(f"{args[0]}: valid release spec of {config.app.name} to {config.environment} ({config.target.kind.value})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
