@@ -127,7 +127,7 @@ def detect(app_dir: Path, configured: str = "") -> PackageManager:
     app_dir = Path(app_dir)
     locks = [name for name in LOCK_FILES if (app_dir / name).is_file()]
     declared = str(read_package_json(app_dir).get("packageManager") or "")
-    m = re.match(r"^(npm|yarn|pnpm)@([0-9][^+]*)", declared)
+    m = re.match(r"^(npm|yarn|pnpm)@([0-9]+\.[0-9]+\.[0-9]+(?:-[0-9A-Za-z.-]+)?)(?:\+\S*)?$", declared)
     declared_name, declared_version = (m.group(1), m.group(2)) if m else ("", "")
     field = "app.commands.package_manager"
     if configured:
@@ -334,6 +334,7 @@ def allow_scripts_env(pm: PackageManager, allowed: list[str], work_dir: Path) ->
         lines = [f"only-built-dependencies[]={name}" for name in allowed]
     work_dir.mkdir(parents=True, exist_ok=True)
     rc = work_dir / f"{pm.flavor}-allow-scripts.npmrc"
+    rc.touch(mode=0o600)  # the user's .npmrc may hold registry tokens
     rc.write_text(own.rstrip("\n") + ("\n" if own else "") + "\n".join(lines) + "\n")
     return {"npm_config_userconfig": str(rc)}
 
