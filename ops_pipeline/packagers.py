@@ -270,7 +270,7 @@ def plan_steps(commands, pm: PackageManager, scripts: dict[str, str]) -> list[St
             run = overrides.get(s.name, s.run) if s.name in overrides else (s.run or default_run(s.name, where))
             if not run.strip():
                 continue
-            tests = s.tests if s.tests is not None else s.name == "test"
+            tests = s.tests if s.tests is not None else (s.name == "test" or bool(s.junit))
             steps.append(Step(s.name, run, tests, s.junit))
         return steps
     for name in DEFAULT_ORDER:

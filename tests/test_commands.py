@@ -76,14 +76,15 @@ def test_default_steps_follow_the_scripts_that_exist(tmp_path):
 def test_spec_steps_keep_their_order_and_take_defaults_by_name(tmp_path):
     app = make_app(tmp_path / "a", files={"pnpm-lock.yaml": "lockfileVersion: '9.0'\n"})
     cmds = CommandsConfig(steps=[{"name": "install"}, {"name": "lint"}, {"name": "build"}, {"name": "audit"},
-                                 {"name": "e2e", "run": "node e2e.js", "tests": True, "junit": "reports/e2e.xml"}],
+                                 {"name": "e2e", "run": "node e2e.js", "junit": "reports/e2e.xml"}],
                           lint="")
     steps = plan_steps(cmds, detect(app), scripts_of(app))
     assert [(s.name, s.run) for s in steps] == [
         ("install", "pnpm install --frozen-lockfile"), ("build", "pnpm run build"), ("audit", "pnpm audit --prod"),
         ("e2e", "node e2e.js"),
     ]
-    assert steps[-1].tests and steps[-1].junit == "reports/e2e.xml"
+    assert steps[-1].tests and steps[-1].junit == "reports/e2e.xml"  # a step with a report is a test step
+    assert not any(s.tests for s in steps[:-1])
 
 
 def test_a_step_without_command_or_script_is_a_spec_error_before_anything_runs(tmp_path):
