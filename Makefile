@@ -98,7 +98,7 @@ test-fast: setup
 ## down: stop every environment's PM2 daemon and nginx front proxy, then the embedded PostgreSQL/Redis.
 down:
 	-@$(BIN)/python -m ops_pipeline.status --down
-	-$(BIN)/python -m ops_pipeline.local_stack down
+	-@$(BIN)/python -m ops_pipeline.local_stack down
 
 clean: down
 	rm -rf $(STATE)

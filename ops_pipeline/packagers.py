@@ -127,7 +127,7 @@ def detect(app_dir: Path, configured: str = "") -> PackageManager:
     app_dir = Path(app_dir)
     locks = [name for name in LOCK_FILES if (app_dir / name).is_file()]
     declared = str(read_package_json(app_dir).get("packageManager") or "")
-    m = re.match(r"^(npm|yarn|pnpm)@([0-9][^+]*)", declared)
+    m = re.match(r"^(npm|yarn|pnpm)@([0-9]+\.[0-9]+\.[0-9]+(?:-[0-9A-Za-z.-]+)?)(?:\+\S*)?$", declared)
     declared_name, declared_version = (m.group(1), m.group(2)) if m else ("", "")
     field = "app.commands.package_manager"
     if configured:
@@ -270,7 +270,7 @@ def plan_steps(commands, pm: PackageManager, scripts: dict[str, str]) -> list[St
             run = overrides.get(s.name, s.run) if s.name in overrides else (s.run or default_run(s.name, where))
             if not run.strip():
                 continue
-            tests = s.tests if s.tests is not None else s.name == "test"
+            tests = s.tests if s.tests is not None else (s.name == "test" or bool(s.junit))
             steps.append(Step(s.name, run, tests, s.junit))
         return steps
     for name in DEFAULT_ORDER:
@@ -316,30 +316,32 @@ def commands_problems(commands, app_dir: Path | None) -> list[str]:
 # --- install scripts: allowed packages, and what npm / pnpm said about the ones it skipped ---
 
 def allow_scripts_env(pm: PackageManager, allowed: list[str], work_dir: Path) -> dict[str, str]:
-    """Variables that let `allowed` dependencies run their install scripts.
+    """Variables that let `allowed` dependencies run their install scripts (npm and pnpm).
 
-    npm refuses --allow-scripts (and its npm_config_ variable) in a project install, and reads the list from the
-    project's package.json allowScripts or from an .npmrc: it is given as a user config that includes the user's
-    own (~/.npmrc), so the app's package.json and project .npmrc keep precedence. pnpm reads
-    onlyBuiltDependencies from its config, which npm_config_only_built_dependencies sets."""
-    if not allowed:
+    npm refuses --allow-scripts (and its npm_config_ variable) in a project install and reads the list from the
+    project's package.json allowScripts or an .npmrc; pnpm 10 reads onlyBuiltDependencies from package.json,
+    pnpm-workspace.yaml or an .npmrc, and ignores it on the command line and in the environment. Both read the
+    user .npmrc named by npm_config_userconfig: the list goes into a copy of the user's own (~/.npmrc), so the
+    app's package.json and project .npmrc keep their say."""
+    if not allowed or pm.flavor not in ("npm", "pnpm"):
         return {}
+    user_rc = Path(os.environ.get("npm_config_userconfig") or os.environ.get("NPM_CONFIG_USERCONFIG")
+                   or Path.home() / ".npmrc")
+    own = user_rc.read_text() if user_rc.is_file() else ""
     if pm.flavor == "npm":
-        user_rc = Path(os.environ.get("npm_config_userconfig") or os.environ.get("NPM_CONFIG_USERCONFIG")
-                       or Path.home() / ".npmrc")
-        own = user_rc.read_text() if user_rc.is_file() else ""
-        work_dir.mkdir(parents=True, exist_ok=True)
-        rc = work_dir / "allow-scripts.npmrc"
-        rc.write_text(own.rstrip("\n") + ("\n" if own else "") + f"allow-scripts={','.join(allowed)}\n")
-        return {"npm_config_userconfig": str(rc)}
-    if pm.flavor == "pnpm":
-        return {"npm_config_only_built_dependencies": ",".join(allowed)}
-    return {}
+        lines = [f"allow-scripts={','.join(allowed)}"]
+    else:
+        lines = [f"only-built-dependencies[]={name}" for name in allowed]
+    work_dir.mkdir(parents=True, exist_ok=True)
+    rc = work_dir / f"{pm.flavor}-allow-scripts.npmrc"
+    rc.touch(mode=0o600)  # the user's .npmrc may hold registry tokens
+    rc.write_text(own.rstrip("\n") + ("\n" if own else "") + "\n".join(lines) + "\n")
+    return {"npm_config_userconfig": str(rc)}
 
 
 _NPM_UNREVIEWED = re.compile(r"npm (?:warn|error) install-scripts\s+(?P<pkg>(?:@[^\s@/]+/)?[^\s@]+@\S+)\s+\((?P<what>[^)]*)\)")
 _NPM_STRICT = re.compile(r"npm error\s+(?P<pkg>(?:@[^\s@/]+/)?[^\s@]+@[^\s(]+)\s+\(install: ")
-_PNPM_IGNORED = re.compile(r"Ignored build scripts:\s*(?P<pkgs>[^\n.]+)")
+_PNPM_IGNORED = re.compile(r"Ignored build scripts:\s*(?P<pkgs>[^│\n]+)")
 _NPM_SCRIPT_FAILED = re.compile(r"npm error path .*node_modules/(?P<pkg>(?:@[^/\s]+/)?[^/\s]+)\s*$", re.M)
 _DOWNLOAD = re.compile(r"(ENOTFOUND|EAI_AGAIN|ECONNREFUSED|ECONNRESET|ETIMEDOUT|getaddrinfo|fetch failed|"
                        r"Could not resolve host|socket hang up|self[- ]signed certificate|unable to get local issuer)", re.I)
@@ -375,7 +377,7 @@ def install_script_report(output: str) -> ScriptReport:
     for m in _NPM_STRICT.finditer(output):
         skipped.append(m.group("pkg"))
     for m in _PNPM_IGNORED.finditer(output):
-        skipped += [p.strip() for p in m.group("pkgs").split(",") if p.strip()]
+        skipped += [p.strip().rstrip(".") for p in m.group("pkgs").split(",") if p.strip().rstrip(".")]
     failed = ""
     fm = _NPM_SCRIPT_FAILED.search(output)
     if fm and "npm error command" in output:

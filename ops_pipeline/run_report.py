@@ -151,7 +151,7 @@ def launch(job: str, config: str, log_path: Path | None = None, verbose: bool = 
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "VIRTUAL_ENV": sys.prefix, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
     print(f"{job}: dg launch --job {job} --config {config}")
-    print(f"  full log: {log_path}", flush=True)
+    print(f"  full log: {log_path}" + ("" if verbose else "  (tail -f it to follow the run)"), flush=True)
     since = time.time()
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, cwd=paths.project_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

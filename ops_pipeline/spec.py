@@ -91,7 +91,7 @@ class StepConfig(dg.Config):
     name: str = Field(description="Step name (install, build, lint, test, audit or your own), shown in the run log.")
     run: str = Field("", description="Shell command (empty: the default for this name, see app.commands.steps).")
     tests: Optional[bool] = Field(None, description="Read this step's output for test counts and failing test "
-                                  "names (unset: true for the step named test).")
+                                  "names (unset: true for the step named test and for a step with a junit report).")
     junit: str = Field("", description="A JUnit XML report this step writes (relative to the app folder); read for "
                        "test counts and failing test names instead of the output.")
 

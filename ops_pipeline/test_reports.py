@@ -30,6 +30,17 @@ class TestReport:
     def found(self) -> bool:
         return self.total > 0 or bool(self.failures)
 
+    def plus(self, other: "TestReport") -> "TestReport":
+        """Both reports together (an app with unit and e2e test steps)."""
+        if not self.found:
+            return other
+        if not other.found:
+            return self
+        formats = ", ".join(dict.fromkeys(f for f in (self.format, other.format) if f))
+        return TestReport(self.total + other.total, self.passed + other.passed, self.failed + other.failed,
+                          self.skipped + other.skipped, self.todo + other.todo,
+                          list(dict.fromkeys(self.failures + other.failures)), formats)
+
 
 # What each runner calls a count -> the TestReport field
 _COUNT_FIELDS = {"tests": "total", "total": "total", "pass": "passed", "passed": "passed", "fail": "failed",

@@ -5,6 +5,7 @@ folders; no mocks."""
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -75,14 +76,15 @@ def test_default_steps_follow_the_scripts_that_exist(tmp_path):
 def test_spec_steps_keep_their_order_and_take_defaults_by_name(tmp_path):
     app = make_app(tmp_path / "a", files={"pnpm-lock.yaml": "lockfileVersion: '9.0'\n"})
     cmds = CommandsConfig(steps=[{"name": "install"}, {"name": "lint"}, {"name": "build"}, {"name": "audit"},
-                                 {"name": "e2e", "run": "node e2e.js", "tests": True, "junit": "reports/e2e.xml"}],
+                                 {"name": "e2e", "run": "node e2e.js", "junit": "reports/e2e.xml"}],
                           lint="")
     steps = plan_steps(cmds, detect(app), scripts_of(app))
     assert [(s.name, s.run) for s in steps] == [
         ("install", "pnpm install --frozen-lockfile"), ("build", "pnpm run build"), ("audit", "pnpm audit --prod"),
         ("e2e", "node e2e.js"),
     ]
-    assert steps[-1].tests and steps[-1].junit == "reports/e2e.xml"
+    assert steps[-1].tests and steps[-1].junit == "reports/e2e.xml"  # a step with a report is a test step
+    assert not any(s.tests for s in steps[:-1])
 
 
 def test_a_step_without_command_or_script_is_a_spec_error_before_anything_runs(tmp_path):
@@ -147,6 +149,9 @@ def test_npm_app_steps_in_order_with_the_version_then_install_skipped(tmp_path):
     assert (app / "out" / "version.txt").read_text() == "v7 v7"  # app.version_env and OPS_RELEASE_VERSION
     assert (md["tests_total"], md["tests_passed"], md["tests_failed"]) == (2, 2, 0)
     assert (app / "node_modules" / INSTALL_STAMP).is_file()
+    both = run_steps(spec_for(app, commands={"steps": [{"name": "test"}, {"name": "e2e", "tests": True,
+                                                                          "run": "node --test --test-reporter=tap"}]}))
+    assert (both["tests_total"], both["tests_passed"]) == (4, 4)  # two test steps: both counted
     again = run_steps(spec_for(app, version="v8", commands={"steps": [{"name": "install"}, {"name": "build"}]}))
     assert again["durations_s"]["install"] == 0.0  # lock file unchanged: skipped
     assert (app / "out" / "version.txt").read_text() == "v8 v8"
@@ -252,6 +257,24 @@ def test_pnpm_app_from_its_lock_file(tmp_path):
     assert (deps / "ms" / "index.js").is_file() and not (deps / "is-number").exists()
     # the bundle's own copy (hard-linked only with our production-deps cache), not a link into pnpm's store
     assert (deps / ".pnpm" / "ms@2.1.3" / "node_modules" / "ms" / "index.js").stat().st_nlink == 2
+
+
+def test_pnpm_runs_only_allowed_install_scripts_and_says_which_it_ignored(tmp_path):
+    # esbuild's install script puts its native binary in place of the bin/esbuild JavaScript launcher
+    check = ("const b = require('fs').readFileSync('node_modules/esbuild/bin/esbuild');\n"
+             "if (b.subarray(0, 4).toString('latin1') !== '\\x7fELF') { console.error('not built'); process.exit(1); }\n")
+    app = make_app(tmp_path / "a", deps={"esbuild": ESBUILD}, scripts={"test": "node check.js"},
+                   files={"check.js": check, ".npmrc": "side-effects-cache=false\n"})  # build here, not from the store
+    lock_with(app, ["pnpm", "install", "--lockfile-only"], provide(detect(app, "pnpm"), print, 300))
+    with pytest.raises(dg.Failure) as err:
+        run_steps(spec_for(app))  # pnpm 10 skips dependencies' build scripts unless allowed
+    text = err.value.description
+    assert text.startswith("app tests failed (test): `test (pnpm run test)` exited with status 1")
+    assert f"dependency install scripts outside its allowed list: esbuild@{ESBUILD}" in text
+    assert "list them in app.commands.allow_scripts" in text
+    shutil.rmtree(app / "node_modules")
+    md = run_steps(spec_for(app, commands={"allow_scripts": ["esbuild"]}))
+    assert md["steps"] == ["install", "test"]
 
 
 def test_yarn_classic_app_from_its_lock_file(tmp_path):

@@ -74,7 +74,7 @@ def test_launch_runs_dg_with_the_log_in_a_file_and_prints_the_account(tmp_path):
     assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == f"release: dg launch --job release --config {config}"
-    assert lines[1] == f"  full log: {log}"
+    assert lines[1] == f"  full log: {log}  (tail -f it to follow the run)"
     assert lines[2].startswith("release run ") and ": FAILURE in " in lines[2]
     assert lines[3].split()[:2] == ["FAILED", "verify_env"] and "not ready for a release" in lines[3]
     assert "missing required environment variables: DATABASE_URL, REDIS_URL, JWT_SECRET, NODE_ENV" in out.stdout

@@ -15,11 +15,11 @@ from datetime import UTC, datetime
 
 import psycopg
 import zstandard
-from psycopg import sql
 
 from ops_pipeline.backups import common
 from ops_pipeline.backups.common import BackupError, LogFn, stderr_reader, store_scope
 from ops_pipeline.backups.verify import verify_stored
+from ops_pipeline.migration_tables import MigrationsTableError, applied_migrations
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.resources.backup_store import DUMP_NAME, MANIFEST_NAME, BackupStore
 from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
@@ -54,19 +54,6 @@ def preflight(postgres: PostgresResource, url: str) -> dict:
     return {"server_version_num": server, "pg_dump_version_num": client}
 
 
-def _migrations(conn: psycopg.Connection, table: str) -> list[str]:
-    if not table:
-        return []
-    try:
-        exists = conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]
-        if not exists:
-            return []
-        return [r[0] for r in conn.execute(f"SELECT name FROM {sql.Identifier(table).as_string(conn)} ORDER BY run_on, id")]
-    except psycopg.Error:
-        return []
-
-
-
 def take_backup(
     postgres: PostgresResource,
     store: BackupStore,
@@ -96,7 +83,11 @@ def take_backup(
 
     snap = _Snapshot(postgres.connect(url, autocommit=False, application_name=f"ops-pipeline backup {backup_id}"))
     try:
-        snapshot, migrations = snap.export(migrations_table)
+        snapshot = snap.export()
+        migrations, migrations_error = snap.migrations(migrations_table)
+        migrations_error = redact(migrations_error)
+        if migrations_error:
+            log(f"applied migrations not recorded in the manifest: {migrations_error}")
         argv = [postgres.binary("pg_dump"), "--format=custom", "--compress=0", "--no-password", f"--snapshot={snapshot}",
                 "--lock-wait-timeout=60000", "--dbname", info.database]
         # The store first: a read-only, full or missing store fails here, before pg_dump or the counting start.
@@ -147,6 +138,7 @@ def take_backup(
         "release_version": release_version,
         "table_counts": counts,
         "migrations": migrations,
+        **({"migrations_error": migrations_error} if migrations_error else {}),
         "verification": verification,
         "verified": bool(verify),
         "location": store.location(scope, backup_id),
@@ -169,17 +161,24 @@ class _Snapshot:
         self.stop_counting = threading.Event()
         self.counter: threading.Thread | None = None
 
-    def export(self, migrations_table: str) -> tuple[str, list[str]]:
-        """The snapshot's name and the migrations applied in it; lists the tables to count."""
+    def export(self) -> str:
+        """The snapshot's name; lists the tables to count."""
         conn = self.conn
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
-        migrations = _migrations(conn, migrations_table)
         self.tables = [r[0] for r in conn.execute(
             """SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables
                 WHERE schemaname NOT IN ('pg_catalog', 'information_schema') ORDER BY 1""")]
         self.counter = threading.Thread(target=self._count_rows, daemon=True)
-        return snapshot, migrations
+        return snapshot
+
+    def migrations(self, table: str) -> tuple[list[str], str]:
+        """The migrations applied in the snapshot, and why they could not be read ("" when they could). Read in a
+        savepoint: a table that cannot be read leaves the snapshot's transaction intact and the dump goes on."""
+        try:
+            return applied_migrations(self.conn, table), ""
+        except MigrationsTableError as exc:
+            return [], str(exc)
 
     def _count_rows(self) -> None:
         try:

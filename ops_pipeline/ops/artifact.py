@@ -87,7 +87,8 @@ def bundle_entries(app_dir: Path, bundle_paths: list[str], pm: PackageManager) -
         listed = list(bundle_paths)
     else:
         listed = sorted(p.name for p in app_dir.iterdir() if not _excluded(p.name))
-    return list(dict.fromkeys([*listed, *(p for p in always if (app_dir / p).exists())]))
+    inside = lambda p: any(p == entry or p.startswith(entry.rstrip("/") + "/") for entry in listed)  # noqa: E731
+    return [*dict.fromkeys(listed), *(p for p in dict.fromkeys(always) if (app_dir / p).exists() and not inside(p))]
 
 
 def _excluded(rel: str) -> bool:

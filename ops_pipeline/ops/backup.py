@@ -129,22 +129,13 @@ def backup_database(
             postgres, backup_store, url, trigger=trigger, environment=spec.environment, log=context.log.info,
             redactor=env.redactor, release_version=spec.version, migrations_table=spec.app.migrations_table,
         )
-    except backups.BackupError as exc:
-        raise dg.Failure(description=f"backup failed, nothing was registered: {env.redactor(str(exc))}",
-                         allow_retries=False) from None
-    except OSError as exc:
-        # A full or read-only store does not heal by retrying: fail now, nothing partial was kept.
-        permanent = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
-        raise dg.Failure(description=f"backup store error ({'not retried' if permanent else 'will retry'}), nothing "
-                         f"partial kept: {env.redactor(str(exc))[:500]}", allow_retries=not permanent) from None
-    except StoreError as exc:
-        raise dg.Failure(description=f"backup store error, nothing partial kept: {env.redactor(str(exc))[:500]}",
-                         allow_retries=True) from None
-    except Exception as exc:  # botocore errors and the like
-        if type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
-            raise dg.Failure(description=f"backup store error, nothing partial kept: {env.redactor(str(exc))[:500]}",
-                             allow_retries=True) from None
-        raise
+    except Exception as exc:
+        known = backup_failure(exc, env.redactor)
+        if known is not None:
+            raise known from None
+        # a bug: fails the same way every time, so not retried; its traceback stays attached
+        raise dg.Failure(description=f"backup failed, nothing was registered (not retried): {type(exc).__name__}: "
+                                     f"{env.redactor(str(exc))[:500]}", allow_retries=False) from exc
     context.log_event(backup_materialization(manifest, backup_store))
     context.add_output_metadata({
         "backup_id": manifest["id"],
@@ -155,6 +146,30 @@ def backup_database(
         "mb_per_s": manifest["mb_per_s"],
     })
     return manifest
+
+
+def backup_failure(exc: Exception, redact) -> dg.Failure | None:
+    """The op's failure for a known error of take_backup (None for anything else). Only what may heal is retried
+    (BACKUP_RETRY): a lost or refused database connection, a server shutting down, a serialization failure or lock
+    timeout, a store error that is not a full or read-only store. A BackupError or any other answer of PostgreSQL
+    (a missing column, a permission, an aborted transaction) fails the same way every time: at once, with its cause."""
+    if isinstance(exc, backups.BackupError):
+        return dg.Failure(description=f"backup failed, nothing was registered: {redact(str(exc))}", allow_retries=False)
+    if isinstance(exc, (DatabaseError, psycopg.OperationalError)):
+        return dg.Failure(description=f"database error (will retry), nothing was registered: {type(exc).__name__}: "
+                                      f"{redact(str(exc))[:500]}", allow_retries=True)
+    if isinstance(exc, psycopg.Error):
+        return dg.Failure(description=f"backup failed, nothing was registered (not retried: PostgreSQL answered "
+                                      f"{type(exc).__name__}): {redact(str(exc))[:500]}", allow_retries=False)
+    if isinstance(exc, OSError):
+        # A full or read-only store does not heal by retrying: fail now, nothing partial was kept.
+        permanent = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+        return dg.Failure(description=f"backup store error ({'not retried' if permanent else 'will retry'}), nothing "
+                                      f"partial kept: {redact(str(exc))[:500]}", allow_retries=not permanent)
+    if isinstance(exc, StoreError) or type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
+        return dg.Failure(description=f"backup store error, nothing partial kept: {redact(str(exc))[:500]}",
+                          allow_retries=True)
+    return None
 
 
 class RetentionConfig(dg.Config):

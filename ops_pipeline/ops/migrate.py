@@ -3,9 +3,8 @@
 from dataclasses import asdict, dataclass, field
 
 import dagster as dg
-import psycopg
-from psycopg import sql
 
+from ops_pipeline import migration_tables
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.commands import Command, CommandError, run
 from ops_pipeline.local_stack import LocalStack
@@ -40,15 +39,11 @@ def take_environment_lock(context: dg.OpExecutionContext, spec: ReleaseSpec, pos
 
 
 def applied_migrations(postgres: PostgresResource, url: str, table: str) -> list[str]:
+    """What the migration tool recorded as applied in `table` (any tool's table shape, see migration_tables)."""
     if not table:
         return []
     with postgres.connect(url) as conn:
-        if not conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0]:
-            return []
-        try:
-            return [r[0] for r in conn.execute(sql.SQL("SELECT name FROM {} ORDER BY run_on, id").format(sql.Identifier(table)))]
-        except psycopg.Error:
-            return [r[0] for r in conn.execute(sql.SQL("SELECT name FROM {}").format(sql.Identifier(table)))]
+        return migration_tables.applied_migrations(conn, table)
 
 
 @dataclass

@@ -110,10 +110,13 @@ def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
             if step.tests and exc.result is not None:
                 rep = read_report(exc.result.output, junit)
                 md.update(_report_md(rep))
-                names = "; ".join(rep.failures[:20]) or "see the test output above"
+                if rep.found:
+                    names = "; ".join(rep.failures[:20]) or "see the test output above"
+                    what = f"{rep.failed} of {rep.total} failed: {names}"
+                else:  # the runner stopped before reporting (or its output is in no format we read)
+                    what = str(exc)
                 raise dg.Failure(
-                    description=f"app tests failed ({step.name}): {rep.failed} of {rep.total} failed: {names}"
-                    + (f"\n{install_notes}" if install_notes else ""),
+                    description=f"app tests failed ({step.name}): {what}" + (f"\n{install_notes}" if install_notes else ""),
                     metadata=md, allow_retries=False,
                 ) from None
             why = ""
@@ -131,7 +134,7 @@ def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
                 install_notes = note
                 context.log.warning(note)
         if step.tests:
-            report = read_report(result.output, junit)
+            report = report.plus(read_report(result.output, junit))
         return result.output
 
     for step in steps:
