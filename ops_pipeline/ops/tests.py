@@ -93,7 +93,7 @@ def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
     def failure_md(name: str) -> dict:
         return {"durations_s": dg.MetadataValue.json(durations), "failed_step": name, "package_manager": pm.label}
 
-    def execute(step: Step) -> str:
+    def execute(step: Step) -> None:
         nonlocal report, install_notes
         context.log.info(f"{step.name}: $ {step.run}")
         junit = app_dir / step.junit if step.junit else None
@@ -135,21 +135,17 @@ def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
                 context.log.warning(note)
         if step.tests:
             report = report.plus(read_report(result.output, junit))
-        return result.output
 
+    stamp_file = app_dir / "node_modules" / INSTALL_STAMP
     for step in steps:
-        if step.name == "install":
-            stamp_file = app_dir / "node_modules" / INSTALL_STAMP
-            stamp = install_stamp(app_dir, pm, step.run, cmds.allow_scripts)
-            if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
-                context.log.info("install: lock file unchanged since the last install, skipped")
-                durations["install"] = 0.0
-                continue
-            execute(step)
-            if stamp_file.parent.is_dir():
-                stamp_file.write_text(stamp)
+        stamp = install_stamp(app_dir, pm, step.run, cmds.allow_scripts) if step.name == "install" else ""
+        if stamp and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+            context.log.info("install: lock file unchanged since the last install, skipped")
+            durations["install"] = 0.0
             continue
         execute(step)
+        if stamp and stamp_file.parent.is_dir():
+            stamp_file.write_text(stamp)
     md = {**_report_md(report), "durations_s": dg.MetadataValue.json(durations),
           "steps": dg.MetadataValue.json([s.name for s in steps]), "package_manager": pm.label}
     if report.format:
