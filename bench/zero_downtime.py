@@ -1,12 +1,17 @@
 """Zero downtime under load (benchmark, not a test).
 
-    .venv/bin/python bench/zero_downtime.py [--rate 900] [--docker]
+    .venv/bin/python bench/zero_downtime.py [--rate 900] [--docker] [--broken]
 
 A constant loopback load (bench/loadgen.py: half keep-alive, half fresh connections; GET /items, which reads
 the database) runs for the whole of: a release v1 -> v2 on the PM2 target, a rollback v2 -> v1, and with
 --docker (needs DOCKER_HOST, the registry and base image from scripts/containers) the same on the Docker
 Engine target behind nginx. Every non-2xx answer and connection error counts as failed.
 Target: 0 failed of at least 10,000 requests in each phase.
+
+--broken: a release of a version whose /health fails from its first second (tests/fixtures/plain-http-app with
+PLAIN_HEALTH_STATUS=503), under load on /health, on the PM2 target as it is (each new instance probed on its own
+port before nginx gives it traffic) against a baseline in the same run where that check is skipped (the instance
+takes public traffic as soon as it listens, as PM2's cluster mode gave it). Target: 0 non-2xx answers.
 """
 
 from __future__ import annotations
@@ -75,10 +80,51 @@ def under_load(port: int, rate: float, label: str, action) -> dict:
             "stale": r.stale_keepalive, "resent_ok": r.resent_ok, "seconds": r.seconds, "rate": r.rate, "versions": r.versions, "samples": r.samples}
 
 
+def broken_release(instance, release, rate: float, skip_own_check: bool) -> dict:
+    """v1 of the plain app, then v2 answering 503 on /health, under load; returns the v2 phase's row."""
+    from ops_pipeline.resources.targets.pm2 import Pm2Target
+
+    app = STATE / f"plain-{int(skip_own_check)}"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "plain-http-app", app)
+    env, port = f"zd-broken-{'unchecked' if skip_own_check else 'checked'}", free_port()
+
+    def config(version: str, health: str) -> dict:
+        return {"ops": {"verify_env": {"config": {
+            "environment": env, "version": version, "gate": {"interval_s": 0.5, "deadline_s": 10},
+            "app": {"name": "plain", "path": str(app), "start": "node server.js", "health_version": "off",
+                    "required_env": [], "secret_env": [], "jwt_secret_env": "", "node_env_var": "",
+                    "migrations_table": "", "env": {"PLAIN_HEALTH_STATUS": health}, "redis": {"enabled": False},
+                    "commands": {"test": "", "migrate": "true"}},
+            "target": {"kind": "pm2", "instances": 2, "port": port, "pm2": {"listen_timeout_s": 6}}}}}}
+
+    assert release.execute_in_process(run_config=config("v1", "200"), instance=instance).success
+    original = Pm2Target._wait_instance_healthy
+    if skip_own_check:
+        Pm2Target._wait_instance_healthy = lambda self, *a, **k: (time.sleep(0.5), (True, "own check skipped"))[1]
+    try:
+        label = f"PM2 broken v2, {'own check skipped' if skip_own_check else 'own check (ours)'}"
+        with Load(port, path="/health", rate=rate) as load:
+            ok = release.execute_in_process(run_config=config("v2", "503"), instance=instance, raise_on_error=False).success
+            time.sleep(2)
+    finally:
+        Pm2Target._wait_instance_healthy = original
+        subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
+                       env={**os.environ, "PM2_HOME": str(STATE / "envs" / env / "pm2")})
+        pidfile = STATE / "envs" / env / "nginx" / "nginx.pid"
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), 15)
+    r = load.result
+    print(f"  {label}: {r.requests} requests, {r.non_2xx} non-2xx, {r.errors} errors (release succeeded: {ok})", flush=True)
+    return {"phase": label, "ok_run": True, "requests": r.requests, "2xx": r.ok, "non_2xx": r.non_2xx,
+            "errors": r.errors, "stale": r.stale_keepalive, "resent_ok": r.resent_ok, "seconds": r.seconds,
+            "rate": r.rate, "versions": r.versions, "samples": r.samples, "broken": True, "baseline": skip_own_check}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=900, help="requests per second")
     parser.add_argument("--docker", action="store_true", help="also the Docker Engine target (needs DOCKER_HOST)")
+    parser.add_argument("--broken", action="store_true", help="only the broken-version release, against its baseline")
     args = parser.parse_args()
     home = dagster_home(STATE)
     app = copy_example_app(STATE / "app")
@@ -91,7 +137,10 @@ def main() -> int:
         with dg.instance_for_test(temp_dir=str(home)) as instance:
             release = defs.get_job_def("release")
             rollback = defs.get_job_def("rollback")
-            targets = [("PM2", False)] + ([("Docker", True)] if args.docker else [])
+            if args.broken:
+                rows.append(broken_release(instance, release, min(args.rate, 200), skip_own_check=True))
+                rows.append(broken_release(instance, release, min(args.rate, 200), skip_own_check=False))
+            targets = [] if args.broken else [("PM2", False)] + ([("Docker", True)] if args.docker else [])
             for name, docker in targets:
                 env, port = f"zd-{name.lower()}", free_port()
                 envs.append(env)
@@ -128,10 +177,18 @@ def main() -> int:
               f"{r['resent_ok']:>10}{r['rate']:>8.0f}  {vers}")
         if r["samples"]:
             print(f"{'':<26}first failures: {r['samples'][:3]}")
+        if r.get("broken"):
+            all_ok &= r["baseline"] or r["non_2xx"] + r["errors"] == 0
+            continue
         all_ok &= r["ok_run"] and r["non_2xx"] + r["errors"] == 0 and r["requests"] >= MIN_REQUESTS
     print("stale k-a: connection errors on a reused keep-alive connection closed by the server before any byte of the\n"
           "answer (counted in conn err); resent ok: those a browser-like client resent once and got 2xx for.")
-    print(f"\ntarget: 0 failed of >= {MIN_REQUESTS} requests per phase: {'met' if all_ok else 'NOT met'}")
+    broken = [r for r in rows if r.get("broken")]
+    if len(broken) == 2:
+        base, ours = broken
+        print(f"\nbroken version: {base['non_2xx']} non-2xx of {base['requests']} with the own check skipped (baseline), "
+              f"{ours['non_2xx']} of {ours['requests']} with it ({'no failed answer' if not ours['non_2xx'] else 'ratio ' + str(round(base['non_2xx'] / ours['non_2xx'], 1)) + 'x fewer'})")
+    print(f"\ntarget: 0 failed of >= {MIN_REQUESTS} requests per phase (broken version: 0 non-2xx): {'met' if all_ok else 'NOT met'}")
     return 0 if all_ok else 1
 
 
