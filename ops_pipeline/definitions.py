@@ -10,6 +10,7 @@ so the UI shows the variable's name, never its value:
 """
 
 import os
+import warnings
 
 import dagster as dg
 
@@ -26,6 +27,10 @@ from ops_pipeline.resources.targets import DeployTargets
 from ops_pipeline.resources.targets.pm2 import Pm2Resource
 from ops_pipeline.schedules import build_schedules
 from ops_pipeline.sensors import health_watch, rollback_on_release_failure
+
+# Dagster 1.13 itself passes `owners` when Definitions binds resources to the jobs the sensors target
+# (SensorDefinition.with_updated_jobs); the BetaWarning it raises is about its own call, not ours.
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=r"Parameter `owners`")
 
 
 def _env_secret(name: str):
