@@ -9,10 +9,20 @@ STATE := $(or $(OPS_STATE_DIR),$(CURDIR)/.ops)
 export DAGSTER_HOME ?= $(STATE)/dagster_home
 export OPS_PROJECT_ROOT := $(CURDIR)
 export DAGSTER_DISABLE_TELEMETRY := 1
+# `dg` (the Dagster CLI the 1.13 docs recommend) wants the project's venv activated.
+export VIRTUAL_ENV := $(CURDIR)/$(VENV)
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+ENVIRONMENT_GIVEN := $(ENVIRONMENT)
 ENVIRONMENT ?= local
 PORT ?= 3000
+# Jobs print a short account of their run; VERBOSE=1 puts the whole Dagster log on the terminal too
+# (it is always kept in <state>/logs/, and the path is printed).
+VERBOSE ?=
+LAUNCH = $(BIN)/python -m ops_pipeline.run_report launch $(if $(VERBOSE),--verbose)
 
-.PHONY: setup demo release rollback backup drill ui test test-fast validate status down clean
+SPEC ?= presets/$(ENVIRONMENT).yaml
+
+.PHONY: setup nginx demo release rollback backup drill ui test test-fast validate init status down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,38 +40,53 @@ $(DAGSTER_HOME)/dagster.yaml: config/dagster.yaml
 	mkdir -p $(DAGSTER_HOME)
 	cp config/dagster.yaml $@
 
-setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml
+# The PM2 target's front proxy (and the Docker target's) is Debian's nginx; as root it is installed when missing.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx >/dev/null; \
+	  else echo "nginx is needed (the front proxy of every environment): install it, e.g. sudo apt-get install nginx"; exit 1; fi; }
 
-## demo: release examples/node-api to the `local` environment on the embedded stack, through the dagster CLI.
+setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml nginx
+
+## demo: release examples/node-api to the `local` environment on the embedded stack, through `dg launch`.
 demo: setup
-	$(BIN)/python -m ops_pipeline.local_stack up
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j release -c presets/local.yaml
+	@$(BIN)/python -m ops_pipeline.local_stack up
+	@$(LAUNCH) release presets/local.yaml
 	@echo
 	@$(BIN)/python -m ops_pipeline.status local
 	@echo
 	@echo "Open the Dagster UI: make ui  (then http://127.0.0.1:$(PORT))"
 
+## release: a release from a spec file (SPEC=path; default presets/$(ENVIRONMENT).yaml).
 release: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j release -c presets/$(ENVIRONMENT).yaml
+	@$(LAUNCH) release $(SPEC)
 
 rollback: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j rollback -c presets/rollback-$(ENVIRONMENT).yaml
+	@$(LAUNCH) rollback presets/rollback-$(ENVIRONMENT).yaml
 
 backup: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j backup -c presets/backup-local.yaml
+	@$(LAUNCH) backup presets/backup-local.yaml
 
 drill: setup
-	$(BIN)/dagster job execute -m ops_pipeline.definitions -j restore_drill -c presets/backup-local.yaml
+	@$(LAUNCH) restore_drill presets/backup-local.yaml
 
 ## ui: the Dagster UI + daemon (schedules, sensors, run queue) on the persistent local instance.
 ui: setup
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(PORT)
+	dg dev -h 127.0.0.1 -p $(PORT)
 
+## status: what serves every environment of the state folder (or ENVIRONMENT=name only).
 status: setup
-	@$(BIN)/python -m ops_pipeline.status $(ENVIRONMENT)
+	@$(BIN)/python -m ops_pipeline.status $(ENVIRONMENT_GIVEN)
 
+## validate: the definitions load (dg check defs); with SPEC=path, that release spec is checked too (no side effect).
 validate: setup
-	$(BIN)/dagster definitions validate -w workspace.yaml
+	dg check defs
+	$(if $(filter command line environment,$(origin SPEC)),$(BIN)/python -m ops_pipeline.spec $(SPEC))
+
+## init: a commented starting spec for the Node app in APP=folder (written to OUT, default <app name>.yaml).
+init: setup
+	@$(BIN)/python -m ops_pipeline.init_spec $(APP) -o $(or $(OUT),$(notdir $(abspath $(APP))).yaml)
 
 ## test: the whole suite (real PostgreSQL, Redis, PM2, S3 server, dagster daemon/webserver, browser, Podman).
 test: setup
@@ -70,9 +95,10 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not e2e and not browser and not containers and not faults"
 
+## down: stop every environment's PM2 daemon and nginx front proxy, then the embedded PostgreSQL/Redis.
 down:
-	-PM2_HOME=$(STATE)/envs/$(ENVIRONMENT)/pm2 tools/node_modules/.bin/pm2 kill >/dev/null 2>&1
-	-$(BIN)/python -m ops_pipeline.local_stack down
+	-@$(BIN)/python -m ops_pipeline.status --down
+	-@$(BIN)/python -m ops_pipeline.local_stack down
 
 clean: down
 	rm -rf $(STATE)

@@ -41,24 +41,73 @@ class DeployTargetKind(str, Enum):
 
 
 class CommandsConfig(dg.Config):
-    """Shell commands run in the app folder (install, lint, test, build) or in the built artifact (migrate)."""
+    """The app's own commands: an ordered list of named steps run in the app folder (install, build, lint, test,
+    audit, any custom one), the production install inside the release bundle, and the migration command.
 
-    install: str = Field(
-        "npm ci --no-audit --no-fund --prefer-offline",
-        description="Installs the app's dependencies. Skipped when the lock file has not changed since the last install.",
+    With no `steps`, they come from the app: install with its package manager, then build, lint and test for each
+    of those scripts its package.json has (an app without a lint script gets no lint step). `install`, `build`,
+    `lint` and `test` replace the command of the step of that name ('' removes the step) without listing them all.
+    """
+
+    steps: list["StepConfig"] = Field(
+        [],
+        description="Ordered steps, e.g. [{name: install}, {name: build}, {name: lint}, {name: test, run: 'npm test'}]. "
+        "A step without `run` gets its default: the package manager's install, `audit`, or `<pm> run <name>` for a "
+        "package.json script of that name. Empty: install, then build, lint, test for the scripts that exist.",
     )
-    lint: str = Field("npm run lint", description="Static checks. Empty string: no lint step.")
-    test: str = Field("npm test", description="The app's test suite. Its TAP output is parsed for counts and failing test names.")
-    build: str = Field("npm run build", description="Compiles the app (e.g. TypeScript to dist/).")
-    install_production: str = Field(
-        "npm ci --omit=dev --no-audit --no-fund --prefer-offline",
-        description="Installs runtime dependencies only, inside the release bundle.",
+    package_manager: str = Field(
+        "",
+        description="npm | yarn | pnpm (empty: chosen from the lock file: package-lock.json / npm-shrinkwrap.json, "
+        "yarn.lock (Berry when .yarnrc.yml is there), pnpm-lock.yaml). yarn and pnpm come from the npm registry at the "
+        "version in package.json's packageManager field, or Berry's release committed under .yarn/releases.",
+    )
+    allow_scripts: list[str] = Field(
+        [],
+        description="Dependencies whose install scripts may run (npm's allowScripts, pnpm's onlyBuiltDependencies). "
+        "The app's own package.json allowScripts / .npmrc are honoured as well.",
+    )
+    install: Optional[str] = Field(None, description="Command of the install step ('' removes it; unset: the package "
+                                   "manager's frozen-lockfile install). Skipped when the lock file has not changed since the last install.")
+    lint: Optional[str] = Field(None, description="Command of the lint step ('' removes it; unset: the lint script, if any).")
+    test: Optional[str] = Field(None, description="Command of the test step ('' removes it; unset: the test script, if any). "
+                                "Its output (node's TAP, jest, mocha) is read for test counts and failing test names.")
+    build: Optional[str] = Field(None, description="Command of the build step ('' removes it; unset: the build script, if any).")
+    install_production: Optional[str] = Field(
+        None,
+        description="Installs runtime dependencies only, inside the release bundle ('' none; unset: the package "
+        "manager's: npm ci --omit=dev, yarn install --production --frozen-lockfile, yarn workspaces focus --all "
+        "--production, pnpm install --prod --frozen-lockfile).",
     )
     migrate: str = Field(
         "npm run migrate",
         description="Applies pending database migrations; runs inside the built artifact with the environment's DATABASE_URL.",
     )
     timeout_s: float = Field(900.0, description="Deadline for any one of these commands, in seconds.")
+
+
+class StepConfig(dg.Config):
+    """One named command of `app.commands.steps`, run in the app folder with the release version in its environment."""
+
+    name: str = Field(description="Step name (install, build, lint, test, audit or your own), shown in the run log.")
+    run: str = Field("", description="Shell command (empty: the default for this name, see app.commands.steps).")
+    tests: Optional[bool] = Field(None, description="Read this step's output for test counts and failing test "
+                                  "names (unset: true for the step named test and for a step with a junit report).")
+    junit: str = Field("", description="A JUnit XML report this step writes (relative to the app folder); read for "
+                       "test counts and failing test names instead of the output.")
+
+
+CommandsConfig.model_rebuild()
+
+
+def commands_problems(app: "AppConfig", app_dir: Optional[Path]) -> list[str]:
+    """Problems in app.commands (steps, package manager, allowed install scripts) and app.bundle_paths."""
+    from ops_pipeline.packagers import commands_problems as _problems
+
+    problems = _problems(app.commands, app_dir)
+    for p in app.bundle_paths:
+        if not p or p.startswith("/") or ".." in Path(p).parts:
+            problems.append(f"app.bundle_paths: {p!r} must be a relative path inside the app folder")
+    return problems
 
 
 SECRET_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|generate)$")
@@ -77,6 +126,14 @@ class ConnectionVarsConfig(dg.Config):
     tls: str = Field("", description="Variable set to 'true' when the connection uses TLS (sslmode=require..., rediss://), else 'false'.")
 
 
+class DatabaseVarsConfig(ConnectionVarsConfig):
+    url: str = Field("DATABASE_URL", description="Variable that receives the whole URL (empty: parts only).")
+
+
+class RedisVarsConfig(ConnectionVarsConfig):
+    url: str = Field("REDIS_URL", description="Variable that receives the whole URL (empty: parts only).")
+
+
 class DatabaseConfig(dg.Config):
     """The environment's PostgreSQL and how the app receives it."""
 
@@ -85,8 +142,8 @@ class DatabaseConfig(dg.Config):
                           "environment with embedded_services: the embedded database below.")
     embedded_database: str = Field("app", description="Database name in the embedded PostgreSQL.")
     embedded_role: str = Field("app", description="Role owning it in the embedded PostgreSQL.")
-    app_vars: ConnectionVarsConfig = Field(default_factory=lambda: ConnectionVarsConfig(url="DATABASE_URL"),
-                                           description="The app's variables for the database (URL and/or parts).")
+    app_vars: DatabaseVarsConfig = Field(default_factory=DatabaseVarsConfig,
+                                         description="The app's variables for the database (URL and/or parts).")
 
 
 class RedisConfig(dg.Config):
@@ -96,8 +153,8 @@ class RedisConfig(dg.Config):
     url_from: str = Field("env:REDIS_URL", description="Where the environment's Redis URL comes from: env:NAME or "
                           "file:/path. Unset on a non-production environment with embedded_services: the embedded Redis.")
     embedded_db: int = Field(0, description="Database number in the embedded Redis.")
-    app_vars: ConnectionVarsConfig = Field(default_factory=lambda: ConnectionVarsConfig(url="REDIS_URL"),
-                                           description="The app's variables for Redis (URL and/or parts).")
+    app_vars: RedisVarsConfig = Field(default_factory=RedisVarsConfig,
+                                      description="The app's variables for Redis (URL and/or parts).")
 
 
 class AppConfig(dg.Config):
@@ -126,8 +183,11 @@ class AppConfig(dg.Config):
     min_secret_length: int = Field(32, description="Minimum length of the signing secret in production.")
     commands: CommandsConfig = Field(default_factory=CommandsConfig)
     bundle_paths: list[str] = Field(
-        ["dist", "migrations", "package.json", "package-lock.json", "ecosystem.config.js"],
-        description="Files and folders copied from the app folder into the immutable release bundle.",
+        [],
+        description="Files and folders copied from the app folder into the immutable release bundle, besides "
+        "package.json, the lock file and the package manager's files (.npmrc, .yarnrc.yml, .yarn/releases, "
+        ".pnpmfile.cjs, ...), which always go in. Empty: the whole app folder as the build left it, without "
+        "node_modules, VCS folders, .env files, test output and caches.",
     )
     entrypoint: str = Field("dist/server.js", description="Script the process manager starts with node, relative to "
                             "the bundle (used when `start` is empty).")
@@ -362,11 +422,7 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append("app.migration_lock_timeout_s / app.migration_statement_timeout_s: must be > 0")
     if not app.commands.migrate.strip():
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
-    if not app.bundle_paths:
-        problems.append("app.bundle_paths: must list at least one path")
-    for p in app.bundle_paths:
-        if p.startswith("/") or ".." in Path(p).parts:
-            problems.append(f"app.bundle_paths: {p!r} must be a relative path inside the app folder")
+    problems += commands_problems(app, paths.resolve(app.path) if check_paths else None)
 
     t = cfg.target
     if t.instances < 1:
@@ -493,3 +549,34 @@ class ReleaseSpec:
             commit=data.get("commit", ""),
             dirty=bool(data.get("dirty", False)),
         )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ops_pipeline.spec FILE`: check a release spec (run config YAML) without side effects."""
+    import sys
+
+    import yaml
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m ops_pipeline.spec <release spec .yaml>", file=sys.stderr)
+        return 2
+    try:
+        data = yaml.safe_load(Path(args[0]).read_text())
+        config = ReleaseConfig(**data["ops"]["verify_env"]["config"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        print(f"{args[0]}: not a release spec ({type(exc).__name__}: {exc}); expected ops.verify_env.config", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # pydantic: a field of the wrong type
+        print(f"{args[0]}: {exc}", file=sys.stderr)
+        return 2
+    problems = validate_release_config(config)
+    if problems:
+        print(f"{args[0]}: {SpecError(problems)}", file=sys.stderr)
+        return 1
+    print(f"{args[0]}: valid release spec of {config.app.name} to {config.environment} ({config.target.kind.value})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import shutil
 import subprocess
 import tempfile
@@ -79,11 +80,20 @@ def _kill_leftovers_of_this_session() -> None:
         print(f"\nkilled {len(left)} leftover process(es) of this session: {', '.join(left)}")
 
 
+def stop_front_proxy(env_dir: Path) -> None:
+    """Stop the nginx front proxy of an environment (PM2 target), if it runs."""
+    try:
+        os.kill(int((env_dir / "nginx" / "nginx.pid").read_text().strip()), signal.SIGTERM)
+    except (OSError, ValueError):
+        pass
+
+
 def pytest_sessionfinish(session, exitstatus):
     pm2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
     envs = _STATE / "envs"
     if envs.is_dir() and pm2.exists():
         for env_dir in envs.iterdir():
+            stop_front_proxy(env_dir)
             if (env_dir / "pm2").is_dir():
                 subprocess.run([str(pm2), "kill"], env={**os.environ, "PM2_HOME": str(env_dir / "pm2")},
                                capture_output=True, timeout=60)
@@ -137,13 +147,13 @@ def _copy_app(src: Path, dst: Path, *, link_node_modules: bool = True) -> Path:
 def node_app(state_dir) -> Path:
     """A private copy of examples/node-api with its dependencies installed once per session."""
     dst = _copy_app(EXAMPLE_APP, state_dir / "apps" / "node-api", link_node_modules=False)
-    from ops_pipeline.ops.tests import INSTALL_STAMP, _install_stamp
-    from ops_pipeline.spec import CommandsConfig
+    from ops_pipeline.ops.tests import INSTALL_STAMP, install_stamp
+    from ops_pipeline.packagers import detect
 
-    install = CommandsConfig().install
-    subprocess.run(install.split(), cwd=dst, check=True, capture_output=True, timeout=600)
+    pm = detect(dst)
+    subprocess.run(pm.install().split(), cwd=dst, check=True, capture_output=True, timeout=600)
     # what run_tests itself records after an install: releases of this copy skip the (identical) install
-    (dst / "node_modules" / INSTALL_STAMP).write_text(_install_stamp(dst, install))
+    (dst / "node_modules" / INSTALL_STAMP).write_text(install_stamp(dst, pm, pm.install()))
     subprocess.run(["npm", "run", "build"], cwd=dst, check=True, capture_output=True, timeout=300)
     return dst
 
@@ -206,6 +216,7 @@ def pm2_cleanup():
     yield envs.append
     pm2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
     for env in envs:
+        stop_front_proxy(_STATE / "envs" / env)
         home = _STATE / "envs" / env / "pm2"
         if home.is_dir():
             subprocess.run([str(pm2), "kill"], env={**os.environ, "PM2_HOME": str(home)}, capture_output=True, timeout=60)

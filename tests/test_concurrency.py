@@ -1,5 +1,6 @@
-"""One release per environment, however it is launched: `dagster job execute` bypasses the run queue, so the
-guarantee comes from the PostgreSQL advisory lock the release and rollback ops take on the environment."""
+"""One release per environment, however it is launched: `dg launch` (like `dagster job execute`, which it calls)
+executes the run in its own process and bypasses the run queue, so the guarantee comes from the PostgreSQL
+advisory lock the release and rollback ops take on the environment."""
 
 import json
 import os
@@ -36,8 +37,8 @@ def test_five_concurrent_cli_releases_never_overlap(node_app, environment_name, 
         path = tmp_path / f"c{i + 1}.yaml"
         path.write_text(yaml.safe_dump(cfg))
         procs.append(subprocess.Popen(
-            [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "ops_pipeline.definitions", "-j", "release",
-             "-c", str(path)], cwd=ROOT, env={**os.environ, "DAGSTER_HOME": str(home)}, stdout=subprocess.PIPE,
+            [str(Path(sys.executable).parent / "dg"), "launch", "--job", "release", "--config", str(path)], cwd=ROOT,
+            env={**os.environ, "DAGSTER_HOME": str(home), "VIRTUAL_ENV": sys.prefix}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, start_new_session=True))
     outputs = [p.communicate(timeout=900)[0] for p in procs]
     codes = [p.returncode for p in procs]

@@ -34,7 +34,12 @@ def test_verify_env_names_every_missing_variable_at_once(node_app, monkeypatch):
     cfg = ReleaseConfig(environment="unit", embedded_services=False, app={"path": str(node_app)})
     with dg.build_op_context(resources=resources()) as ctx, pytest.raises(dg.Failure) as err:
         verify_env(ctx, cfg)
-    assert "missing required environment variables: DATABASE_URL, REDIS_URL, JWT_SECRET, NODE_ENV" in err.value.description
+    text = err.value.description
+    for line in ("app.database.url_from: environment variable DATABASE_URL is not set",
+                 "app.redis.url_from: environment variable REDIS_URL is not set",
+                 "app.required_env: JWT_SECRET is not set in the environment",
+                 "app.required_env: NODE_ENV is not set in the environment"):
+        assert f"  - {line}\n" in text + "\n", text
 
 
 def test_verify_env_production_rules(node_app, services, monkeypatch):

@@ -1,11 +1,13 @@
 """build_image: the deployable artifact, named by the git commit (short SHA + dirty flag).
 
-On the PM2 target it is an immutable release bundle: the configured bundle paths plus production-only
-dependencies, in `<state>/artifacts/<app>-<sha>[-dirty]-<content hash>/`, read-only, with the sha256
-of its content recorded. The same content is never built twice. On container targets it is an OCI image
+On the PM2 target it is an immutable release bundle: the app folder as its build left it (or the configured
+bundle paths), its package manager's files, and production-only dependencies installed with that package
+manager, in `<state>/artifacts/<app>-<sha>[-dirty]-<content hash>/`, read-only, with the sha256 of its content
+recorded. The same content is never built twice. On container targets it is an OCI image
 built through the Docker Engine API and pushed to the registry.
 """
 
+import fnmatch
 import hashlib
 import json
 import os
@@ -19,7 +21,15 @@ import dagster as dg
 
 from ops_pipeline import paths
 from ops_pipeline.commands import Command, CommandError, run
-from ops_pipeline.ops.tests import command_env
+from ops_pipeline.ops.tests import command_env, package_manager
+from ops_pipeline.packagers import (
+    LOCK_FILES,
+    PACKAGE_MANAGER_FILES,
+    PackageManager,
+    install_script_report,
+    production_env,
+    tidy_bundle,
+)
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.resources.images import DockerEngine, ImageBuildError
 from ops_pipeline.resources.targets.base import Artifact
@@ -60,24 +70,78 @@ def _make_read_only(root: Path) -> None:
                 p.chmod(p.stat().st_mode & ~0o222)
 
 
-def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redactor: Redactor | None) -> None:
-    """Runtime dependencies into the bundle. Keyed by the lock file and the command, like a container layer:
-    an unchanged lock file reuses the previous install (hard links) instead of running npm again."""
-    app = spec.app
-    h = hashlib.sha256(app.commands.install_production.encode())
-    for name in ("package.json", "package-lock.json", "npm-shrinkwrap.json"):
-        if (staging / name).exists():
-            h.update(name.encode() + b"\0" + (staging / name).read_bytes())
-    cache = store / ".deps" / h.hexdigest()[:24] / "node_modules"
+# Left out of the default bundle (the whole app folder): dependencies are installed into the bundle for production,
+# and these are version control, local secrets, test output and caches, never the running app.
+BUNDLE_EXCLUDE = ("node_modules", ".git", ".hg", ".svn", ".env", ".env.*", "coverage", ".nyc_output", ".test-dist",
+                  ".cache", ".ops", ".turbo", ".pnpm-store", ".yarn/cache", ".yarn/unplugged", ".yarn/install-state.gz",
+                  ".DS_Store", "*.log")
+# Paths of a listed bundle that may be absent without failing the build.
+OPTIONAL_BUNDLE_PATHS = ("ecosystem.config.js", "package-lock.json")
+
+
+def bundle_entries(app_dir: Path, bundle_paths: list[str], pm: PackageManager) -> list[str]:
+    """Relative paths copied into the bundle: `bundle_paths` (or the whole folder) plus package.json, the lock file
+    and the package manager's own files, which the production install and the app's runtime read."""
+    always = ["package.json", *([pm.lockfile] if pm.lockfile else []), *PACKAGE_MANAGER_FILES]
+    if bundle_paths:
+        listed = list(bundle_paths)
+    else:
+        listed = sorted(p.name for p in app_dir.iterdir() if not _excluded(p.name))
+    inside = lambda p: any(p == entry or p.startswith(entry.rstrip("/") + "/") for entry in listed)  # noqa: E731
+    return [*dict.fromkeys(listed), *(p for p in dict.fromkeys(always) if (app_dir / p).exists() and not inside(p))]
+
+
+def _excluded(rel: str) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, pat) or ("/" not in pat and fnmatch.fnmatchcase(name, pat)) for pat in BUNDLE_EXCLUDE)
+
+
+def _copy_into(app_dir: Path, rel: str, staging: Path, whole_folder: bool) -> None:
+    src = app_dir / rel
+    dst = staging / rel
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir() and not src.is_symlink():
+        def ignore(directory: str, names: list[str]) -> list[str]:
+            base = Path(directory).relative_to(app_dir).as_posix()
+            return [n for n in names if _excluded(f"{base}/{n}" if base != "." else n)]
+
+        shutil.copytree(src, dst, symlinks=True, ignore=ignore if whole_folder else None, dirs_exist_ok=True)
+    else:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _deps_key(spec: ReleaseSpec, pm: PackageManager, command: str, staging: Path) -> str:
+    h = hashlib.sha256(f"{pm.label}\0{command}\0{','.join(spec.app.commands.allow_scripts)}".encode())
+    for name in ("package.json", *LOCK_FILES, *PACKAGE_MANAGER_FILES):
+        p = staging / name
+        if p.is_file():
+            h.update(name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redactor: Redactor | None,
+                       pm: PackageManager, command: str) -> None:
+    """Runtime dependencies into the bundle with the app's package manager. Keyed by the lock file, the package
+    manager's files and the command, like a container layer: an unchanged key reuses the previous install
+    (hard links) instead of installing again."""
+    key = _deps_key(spec, pm, command, staging)
+    cache = store / ".deps" / key[:24] / "node_modules"
     if cache.is_dir():
         shutil.copytree(cache, staging / "node_modules", copy_function=paths.link_or_copy, symlinks=True)
-        log(f"production dependencies unchanged (lock {h.hexdigest()[:12]}): reused, no install")
+        log(f"production dependencies unchanged (key {key[:12]}): reused, no install")
         return
-    extra_env, hidden = command_env(spec)
+    extra_env, hidden = command_env(spec, pm, log)
     extra_env["NODE_ENV"] = "production"
-    run(Command(app.commands.install_production, cwd=str(staging), env=extra_env, unset=tuple(hidden),
-                timeout_s=app.commands.timeout_s, label="install production dependencies"),
-        log=log, redactor=redactor)
+    extra_env.update(production_env(pm, staging))
+    log(f"production dependencies with {pm.label}: $ {command}")
+    try:
+        run(Command(command, cwd=str(staging), env=extra_env, unset=tuple(hidden),
+                    timeout_s=spec.app.commands.timeout_s, label="install production dependencies"),
+            log=log, redactor=redactor)
+    except CommandError as exc:
+        why = install_script_report(exc.result.output).explain(pm) if exc.result is not None else ""
+        raise CommandError(f"{exc}" + (f"\n{why}" if why else ""), exc.result) from None
+    tidy_bundle(pm, staging)
     if (staging / "node_modules").is_dir():
         tmp = cache.parent.parent / f".tmp-{uuid.uuid4().hex[:8]}"
         shutil.copytree(staging / "node_modules", tmp / "node_modules", copy_function=paths.link_or_copy, symlinks=True)
@@ -91,6 +155,7 @@ def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redac
 def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Artifact:
     app_dir = Path(spec.app_dir)
     app = spec.app
+    pm = package_manager(spec)
     started = time.monotonic()
     store = paths.artifacts_dir()
     store.mkdir(parents=True, exist_ok=True)
@@ -98,22 +163,18 @@ def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Ar
     staging.mkdir()
     try:
         missing = [p for p in app.bundle_paths if not (app_dir / p).exists()]
-        required_missing = [p for p in missing if p not in ("ecosystem.config.js", "package-lock.json")]
+        required_missing = [p for p in missing if p not in OPTIONAL_BUNDLE_PATHS]
         if required_missing:
-            raise dg.Failure(description=f"bundle paths missing in {app_dir}: {', '.join(required_missing)} "
+            raise dg.Failure(description=f"app.bundle_paths: missing in {app_dir}: {', '.join(required_missing)} "
                              "(did the build command produce them?)", allow_retries=False)
-        for rel in app.bundle_paths:
-            src = app_dir / rel
-            if not src.exists():
-                continue
-            dst = staging / rel
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            if src.is_dir():
-                shutil.copytree(src, dst, symlinks=True)
-            else:
-                shutil.copy2(src, dst)
-        if app.commands.install_production.strip():
-            install_production(spec, staging, store, log, redactor)
+        entries = bundle_entries(app_dir, list(app.bundle_paths), pm)
+        for rel in entries:
+            if (app_dir / rel).exists() or (app_dir / rel).is_symlink():
+                _copy_into(app_dir, rel, staging, whole_folder=not app.bundle_paths)
+        production = app.commands.install_production
+        production = pm.install_production() if production is None else production
+        if production.strip():
+            install_production(spec, staging, store, log, redactor, pm, production)
         digest, size, files = content_hash(staging)
         commit = spec.commit or "nogit"
         artifact_id = f"{app.name}-{commit}{'-dirty' if spec.dirty else ''}-{digest[:12]}"

@@ -123,5 +123,6 @@ def migrate_database(
         "duration_s": round(duration, 2),
         "backup_id": backup["id"],
     })
-    context.log.info(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    shown = ", ".join(applied[:5] + (["..."] if len(applied) > 10 else []) + applied[max(5, len(applied) - 5):])
+    context.log.info(f"applied {len(applied)} migration(s) ({len(after)} in {table or 'no table'}): {shown or 'none pending'}")
     return MigrationResult(applied=applied, before=before, after=after, duration_s=round(duration, 2), backup_id=backup["id"])

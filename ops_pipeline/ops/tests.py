@@ -1,89 +1,34 @@
-"""run_tests: the app's own install / lint / test / build, streamed into the run log, counted and timed."""
+"""run_tests: the app's own command steps (install, build, lint, test, ... in the spec's order), streamed into
+the run log, timed, with the test step's counts and failing test names read from its output or JUnit report."""
 
 import hashlib
-import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import dagster as dg
 
+from ops_pipeline import paths
 from ops_pipeline.app_env import secret_names
 from ops_pipeline.commands import Command, CommandError, run
+from ops_pipeline.packagers import (
+    PackageManager,
+    PackagerError,
+    Step,
+    allow_scripts_env,
+    detect,
+    install_script_report,
+    per_directory_env,
+    plan_steps,
+    provide,
+    scripts_of,
+)
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.spec import ReleaseSpec
+from ops_pipeline.test_reports import TestReport, parse_tap, read_report
+
+__all__ = ["INSTALL_STAMP", "TestReport", "command_env", "package_manager", "parse_tap", "run_tests"]
 
 INSTALL_STAMP = ".ops-install-stamp"
-
-
-@dataclass
-class TestReport:
-    total: int = 0
-    passed: int = 0
-    failed: int = 0
-    skipped: int = 0
-    todo: int = 0
-    failures: list[str] = field(default_factory=list)
-
-    @property
-    def found(self) -> bool:
-        return self.total > 0 or bool(self.failures)
-
-
-_TAP_LINE = re.compile(r"^(?P<indent>\s*)(?P<ok>not ok|ok)\s+\d+\s*(?:-\s*)?(?P<name>[^#]*?)\s*(?:#\s*(?P<directive>\w+).*)?$")
-_TAP_COUNT = re.compile(r"^#\s*(tests|pass|fail|skipped|skip|todo|cancelled)\s+(\d+)\s*$")
-
-
-def parse_tap(output: str) -> TestReport:
-    """Counts and failing test names from TAP (node:test's `--test-reporter=tap`, tap, mocha-tap, ...).
-
-    Nested subtests are indented; a failing test is named with its parents: `suite > test`.
-    Failing parents whose children failed are not listed again.
-    """
-    report = TestReport()
-    stack: list[tuple[int, str]] = []  # (indent, name) of "Subtest:" headers seen
-    failures: list[tuple[int, str]] = []
-    counted = False
-    for line in output.splitlines():
-        sub = re.match(r"^(\s*)# Subtest:\s*(.*)$", line)
-        if sub:
-            indent = len(sub.group(1))
-            stack = [s for s in stack if s[0] < indent] + [(indent, sub.group(2).strip())]
-            continue
-        m = _TAP_COUNT.match(line.strip())
-        if m and not line.startswith((" ", "\t")):
-            key, n = m.group(1), int(m.group(2))
-            counted = True
-            if key == "tests":
-                report.total = n
-            elif key == "pass":
-                report.passed = n
-            elif key == "fail":
-                report.failed = n
-            elif key in ("skipped", "skip"):
-                report.skipped = n
-            elif key == "todo":
-                report.todo = n
-            continue
-        t = _TAP_LINE.match(line)
-        if not t:
-            continue
-        indent = len(t.group("indent"))
-        directive = (t.group("directive") or "").lower()
-        if t.group("ok") == "not ok" and directive not in ("skip", "todo"):
-            parents = [name for (i, name) in stack if i < indent]
-            name = t.group("name").strip()
-            failures.append((indent, " > ".join([*parents, name]) if parents else name))
-        if not counted and indent == 0:
-            report.total += 1
-            if t.group("ok") == "ok":
-                report.passed += 1 if directive not in ("skip", "todo") else 0
-                report.skipped += 1 if directive == "skip" else 0
-            elif directive not in ("skip", "todo"):
-                report.failed += 1
-    # Keep leaves: drop a failure that is a prefix (parent) of another one.
-    names = [n for _, n in failures]
-    report.failures = [n for n in dict.fromkeys(names) if not any(o != n and o.startswith(n + " > ") for o in names)]
-    return report
+RELEASE_VERSION_ENV = "OPS_RELEASE_VERSION"
 
 
 def _install_stamp(app_dir: Path, command: str) -> str:
@@ -96,67 +41,128 @@ def _install_stamp(app_dir: Path, command: str) -> str:
     return h.hexdigest()
 
 
-def command_env(spec: ReleaseSpec) -> tuple[dict[str, str], list[str]]:
-    """Tests never see the environment's secrets (a test suite must not touch production data)."""
-    return {"CI": "true", "NODE_ENV": "test", "FORCE_COLOR": "0", "NO_COLOR": "1"}, sorted(secret_names(spec.app))
+def package_manager(spec: ReleaseSpec) -> PackageManager:
+    try:
+        return detect(Path(spec.app_dir), spec.app.commands.package_manager)
+    except PackagerError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
+def command_env(spec: ReleaseSpec, pm: PackageManager | None = None, log=None) -> tuple[dict[str, str], list[str]]:
+    """The environment of the app's commands: CI mode, the release version (app.version_env and
+    OPS_RELEASE_VERSION), the package manager on PATH and the allowed install scripts. Tests never see the
+    environment's secrets (a test suite must not touch production data)."""
+    env = {"CI": "true", "NODE_ENV": "test", "FORCE_COLOR": "0", "NO_COLOR": "1", RELEASE_VERSION_ENV: spec.version}
+    if spec.app.version_env:
+        env[spec.app.version_env] = spec.version
+    if pm is not None:
+        env.update(provide(pm, log or (lambda _m: None), spec.app.commands.timeout_s))
+        work = paths.state_dir() / "tools" / "npmrc" / spec.app.name
+        env.update(allow_scripts_env(pm, list(spec.app.commands.allow_scripts), work))
+    return env, sorted(secret_names(spec.app))
 
 
 @dg.op(
     description=(
-        "Runs the app's install, lint, test and build commands in its folder, streaming their output into the run "
-        "log. Records test counts and step durations; a failure names the failing tests. The install is skipped "
-        "when the lock file has not changed since the last one."
+        "Runs the app's command steps (install, build, lint, test, ... as the spec orders them) in its folder with the "
+        "release version in their environment, streaming their output into the run log. Records each step's "
+        "duration and the test counts; a failure names the failing tests. The install is skipped when the lock file "
+        "has not changed since the last one."
     ),
     tags={"stage": "test"},
 )
 def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
     app_dir = Path(spec.app_dir)
     cmds = spec.app.commands
-    extra_env, hidden = command_env(spec)
+    pm = package_manager(spec)
+    try:
+        steps = plan_steps(cmds, pm, scripts_of(app_dir))
+    except PackagerError as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+    context.log.info(f"package manager: {pm.label}; steps: {' -> '.join(s.name for s in steps) or 'none'}")
+    try:
+        extra_env, hidden = command_env(spec, pm, context.log.info)
+    except CommandError as exc:
+        raise dg.Failure(description=f"providing {pm.label} failed: {exc}", allow_retries=False) from None
+    extra_env.update(per_directory_env(pm, app_dir))
     redactor = Redactor()
     durations: dict[str, float] = {}
     report = TestReport()
+    install_notes = ""
 
-    def step(name: str, command: str) -> str:
-        if not command.strip():
-            context.log.info(f"{name}: no command configured, skipped")
-            return ""
-        context.log.info(f"{name}: $ {command}")
-        cmd = Command(command, cwd=str(app_dir), env=extra_env, unset=tuple(hidden), timeout_s=cmds.timeout_s,
-                      label=f"{name} ({command})")
+    def failure_md(name: str) -> dict:
+        return {"durations_s": dg.MetadataValue.json(durations), "failed_step": name, "package_manager": pm.label}
+
+    def execute(step: Step) -> str:
+        nonlocal report, install_notes
+        context.log.info(f"{step.name}: $ {step.run}")
+        junit = app_dir / step.junit if step.junit else None
+        if junit is not None and junit.exists():
+            junit.unlink()  # never read a previous run's report
+        cmd = Command(step.run, cwd=str(app_dir), env=extra_env, unset=tuple(hidden), timeout_s=cmds.timeout_s,
+                      label=f"{step.name} ({step.run})")
         try:
             result = run(cmd, log=context.log.info, redactor=redactor)
         except CommandError as exc:
-            durations[name] = round(exc.result.duration_s, 2) if exc.result else 0.0
-            failure_md = {"durations_s": dg.MetadataValue.json(durations), "failed_step": name}
-            if name == "test" and exc.result is not None:
-                rep = parse_tap(exc.result.output)
-                failure_md.update(_report_md(rep))
-                names = "; ".join(rep.failures[:20]) or "see the test output above"
+            durations[step.name] = round(exc.result.duration_s, 2) if exc.result else 0.0
+            context.log.info(f"{step.name}: failed after {durations[step.name]:.2f} s")
+            md = failure_md(step.name)
+            if step.tests and exc.result is not None:
+                rep = read_report(exc.result.output, junit)
+                md.update(_report_md(rep))
+                if rep.found:
+                    names = "; ".join(rep.failures[:20]) or "see the test output above"
+                    what = f"{rep.failed} of {rep.total} failed: {names}"
+                else:  # the runner stopped before reporting (or its output is in no format we read)
+                    what = str(exc)
                 raise dg.Failure(
-                    description=f"app tests failed: {rep.failed} of {rep.total} failed: {names}",
-                    metadata=failure_md, allow_retries=False,
+                    description=f"app tests failed ({step.name}): {what}" + (f"\n{install_notes}" if install_notes else ""),
+                    metadata=md, allow_retries=False,
                 ) from None
-            raise dg.Failure(description=f"{name} failed: {exc}", metadata=failure_md, allow_retries=False) from None
-        durations[name] = round(result.duration_s, 2)
+            why = ""
+            if exc.result is not None:
+                scripts = install_script_report(exc.result.output)
+                why = scripts.explain(pm) if step.name.startswith("install") else ""
+            why = why or install_notes
+            raise dg.Failure(description=f"{step.name} failed: {exc}" + (f"\n{why}" if why else ""),
+                             metadata=md, allow_retries=False) from None
+        durations[step.name] = round(result.duration_s, 2)
+        context.log.info(f"{step.name}: done in {result.duration_s:.2f} s")
+        if step.name.startswith("install"):
+            note = install_script_report(result.output).explain(pm)
+            if note:
+                install_notes = note
+                context.log.warning(note)
+        if step.tests:
+            report = report.plus(read_report(result.output, junit))
         return result.output
 
-    stamp_file = app_dir / "node_modules" / INSTALL_STAMP
-    stamp = _install_stamp(app_dir, cmds.install)
-    if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
-        context.log.info("install: lock file unchanged since the last install, skipped")
-        durations["install"] = 0.0
-    else:
-        step("install", cmds.install)
-        if stamp_file.parent.is_dir():
-            stamp_file.write_text(stamp)
-    step("lint", cmds.lint)
-    out = step("test", cmds.test)
-    report = parse_tap(out)
-    step("build", cmds.build)
-    context.add_output_metadata({**_report_md(report), "durations_s": dg.MetadataValue.json(durations)})
-    context.log.info(f"tests: {report.passed} passed, {report.failed} failed, {report.skipped} skipped of {report.total}")
+    for step in steps:
+        if step.name == "install":
+            stamp_file = app_dir / "node_modules" / INSTALL_STAMP
+            stamp = install_stamp(app_dir, pm, step.run, cmds.allow_scripts)
+            if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+                context.log.info("install: lock file unchanged since the last install, skipped")
+                durations["install"] = 0.0
+                continue
+            execute(step)
+            if stamp_file.parent.is_dir():
+                stamp_file.write_text(stamp)
+            continue
+        execute(step)
+    md = {**_report_md(report), "durations_s": dg.MetadataValue.json(durations),
+          "steps": dg.MetadataValue.json([s.name for s in steps]), "package_manager": pm.label}
+    if report.format:
+        md["test_report_format"] = report.format
+    context.add_output_metadata(md)
+    context.log.info(f"tests: {report.passed} passed, {report.failed} failed, {report.skipped} skipped of {report.total}"
+                     + (f" ({report.format})" if report.format else ""))
     return spec
+
+
+def install_stamp(app_dir: Path, pm: PackageManager, install_command: str, allow_scripts=()) -> str:
+    """What run_tests records after an install (a later release with the same lock file skips it)."""
+    return _install_stamp(app_dir, f"{pm.label}\0{install_command}\0{','.join(allow_scripts)}")
 
 
 def _report_md(rep: TestReport) -> dict:

@@ -280,8 +280,9 @@ def test_dagster_run_process_killed_mid_deploy(node_app, releaser, verified_back
         "from ops_pipeline.resources.backup_store import BackupStore\n"
         f"resources = {{**definitions.build_resources(), 'backup_store': BackupStore(local_dir={releaser.store.local_dir!r})}}\n"
         "defs = dg.Definitions(jobs=definitions.defs.jobs, resources=resources)\n")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "job", "execute", "-f", str(defs_file), "-j", "release",
-                             "-c", str(cfg)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+    # `dg launch` executes the run in its own process (it calls `dagster job execute`): killed, the run stays STARTED
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "dg"), "launch", "-f", str(defs_file), "--job", "release",
+                             "--config", str(cfg)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         releaser.wait_pm2(lambda ps: any(p["pm2_env"].get("APP_VERSION") == "v2" for p in ps), 180)

@@ -11,7 +11,7 @@ Everything goes through the Docker Engine API (DOCKER_HOST: Docker, or Podman's 
                  `nginx -t` before every `nginx -s reload`, started by the first rollout
     host relays  URL values pointing at the host's loopback are rewritten to the network's gateway, where a relay
                  forwards to the host's loopback (relay.py)
-    secrets      app.secret_env values are not container environment variables (which `docker inspect` shows to
+    secrets      the app's secret values (app.secrets, passwords, secret_env) are not container environment variables (which `docker inspect` shows to
                  anyone with engine access): each is a file in <state>/envs/<env>/docker-secrets/<container>/,
                  mode 0400, owned by the image's USER, bind-mounted read-only at /run/secrets/ops, and the app
                  gets NAME_FILE=/run/secrets/ops/NAME (the Docker secrets convention). target.docker.secret_files
@@ -40,6 +40,7 @@ import uuid
 from pathlib import Path
 
 from ops_pipeline import paths
+from ops_pipeline.app_env import secret_names
 from ops_pipeline.local_stack import free_port
 from ops_pipeline.redaction import Redactor
 from ops_pipeline.resources.health import HttpProber, Probe
@@ -54,7 +55,7 @@ from ops_pipeline.resources.targets.base import (
 from ops_pipeline.resources.targets.docker_engine import DockerEngine, ImageBuildError, image_tag
 from ops_pipeline.resources.targets.nginx import HostNginx, NginxError
 from ops_pipeline.resources.targets.procs import established_to
-from ops_pipeline.resources.targets.relay import HostRelays, loopback_to_gateway
+from ops_pipeline.resources.targets.relay import LOOPBACK_HOSTS, HostRelays, loopback_to_gateway
 from ops_pipeline.spec import ReleaseSpec
 
 LABEL_APP = "ops.app"
@@ -187,6 +188,16 @@ class DockerTarget(DeployTarget):
 
     def container_env(self, app_env: dict[str, str], version: str, gateway: str, log: LogFn) -> dict[str, str]:
         env, endpoints, rewritten = loopback_to_gateway(app_env, gateway)
+        # Connections given in parts (host and port in variables of their own) are rewritten the same way.
+        for conn in (self.spec.app.database.app_vars, self.spec.app.redis.app_vars):
+            host = env.get(conn.host) if conn.host else None
+            if host in LOOPBACK_HOSTS or (host or "").startswith("127."):
+                port = int(env.get(conn.port) or 0) if conn.port else 0
+                if port:
+                    env[conn.host] = gateway
+                    if (host, port) not in endpoints:
+                        endpoints.append(("127.0.0.1" if host == "localhost" else host, port))
+                    rewritten.append(conn.host)
         for host, port in endpoints:
             self.relays.ensure(gateway, port, host, port, log)
         if rewritten:
@@ -247,8 +258,8 @@ class DockerTarget(DeployTarget):
     def _start(self, ref: str, slot: int, version: str, deploy_id: str, artifact: Artifact, env: dict[str, str]):
         import docker
 
-        secret_names = [n for n in self.spec.app.secret_env if n in env] if self.cfg.secret_files else []
-        secrets = {n: env[n] for n in secret_names}
+        names = [n for n in sorted(secret_names(self.spec.app)) if n in env] if self.cfg.secret_files else []
+        secrets = {n: env[n] for n in names}
         environment = {k: v for k, v in env.items() if k not in secrets}
         environment.update({f"{n}_FILE": f"{SECRETS_MOUNT}/{n}" for n in secrets})
         last_exc = None
@@ -320,7 +331,8 @@ class DockerTarget(DeployTarget):
                                + (f", last check output: {out}" if out else "") + ")"
                                + (f"; last probe: {last.summary()}" if last else "")), last
             if state.get("Status") == "running":
-                p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0))
+                p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
+                                      version_from=self.spec.app.health_version)
                 last = p
                 streak = streak + 1 if p.healthy_for(version) else 0
                 if streak >= 2:

@@ -1,19 +1,21 @@
-"""PM2 target: the app in PM2 cluster mode on this host, released from immutable release folders.
+"""PM2 target: one PM2 process per instance on this host, each on its own port, behind an nginx front proxy.
 
 Layout per environment (`<state>/envs/<env>/` by default):
 
     app/releases/<version>/   hard-linked copy of the release bundle (+ release.json)
     app/current -> releases/<version>   what should be serving (moved after a rollout succeeds)
     pm2/                      PM2_HOME (the PM2 daemon of this environment)
+    nginx/                    the nginx front proxy (config, pid, logs): it owns the public port
+    instances/<slot>/         a folder per slot kept across releases ({instance_dir} in app.instance_env)
     logs/                     one log file per instance
 
-Every instance is its own PM2 process in cluster mode: PM2's daemon is the cluster master, so all
-instances of all versions share the public port, and each also listens on a private INSTANCE_PORT
-where it is probed on its own. A rollout is a surge, one slot at a time: start the new instance,
-wait until it answers healthy with the new version on its private port, then delete one old instance
-(PM2 sends SIGINT; the app stops accepting, drains keep-alive connections and finishes in-flight
-requests within kill_timeout). A new instance that never gets healthy is deleted and the old ones keep
-serving. State is read back from PM2 (`pm2 jlist`), never remembered.
+The app owes the pipeline only this: listen on the port given in `app.port_env`, answer `app.health_path`. Each
+instance gets its own port and is probed there on its own; nginx (`least_conn`, as in the seed) routes public traffic
+only to instances that passed that check. A rollout is a surge, one slot at a time: start the new instance, wait
+until it answers healthy on its own port (a broken version never sees a public request), then one nginx reload puts
+it in and takes one old instance out; the old instance is stopped only after nginx's previous workers finished their
+requests and no connection to it is left (so an app with no SIGINT handling loses nothing). A new instance that
+never gets healthy is deleted and the old ones keep serving. State is read back from PM2 (`pm2 jlist`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +46,8 @@ from ops_pipeline.resources.targets.base import (
     RolloutError,
     RolloutReport,
 )
+from ops_pipeline.resources.targets.nginx import HostNginx, NginxError
+from ops_pipeline.resources.targets.procs import established_to
 from ops_pipeline.spec import ReleaseSpec
 
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -81,6 +86,9 @@ class Pm2Target(DeployTarget):
         self.current = self.deploy_root / "current"
         self.logs = env_dir / "logs"
         self.app_files = env_dir / "pm2-apps"
+        self.instance_dirs = env_dir / "instances"
+        self.nginx = HostNginx(env_dir / "nginx", spec.target.host, spec.target.port, cfg.drain_s,
+                               f"{spec.app.name} in {spec.environment} (PM2 target)")
 
     # ---- PM2 CLI ------------------------------------------------------------------------------
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -140,7 +148,7 @@ class Pm2Target(DeployTarget):
             env = p.get("pm2_env", {})
             if env.get("OPS_APP") != self.spec.app.name or env.get("OPS_ENV") != self.spec.environment:
                 continue
-            port = env.get(self.spec.app.instance_port_env) or env.get("INSTANCE_PORT")
+            port = env.get("OPS_PORT")
             status = env.get("status", "?")
             instances.append(
                 Instance(
@@ -151,7 +159,8 @@ class Pm2Target(DeployTarget):
                     probe_url=f"http://127.0.0.1:{port}{self.spec.app.health_path}" if port else "",
                     restarts=int(env.get("restart_time", 0) or 0),
                     deploy_id=env.get("OPS_DEPLOY_ID", ""),
-                    extra={"pid": p.get("pid"), "slot": env.get("OPS_SLOT"), "release_dir": env.get("pm_cwd", "")},
+                    extra={"pid": p.get("pid"), "slot": env.get("OPS_SLOT"), "release_dir": env.get("pm_cwd", ""),
+                           "port": int(port) if port else None},
                 )
             )
         return sorted(instances, key=lambda i: (i.extra.get("slot") or "", int(i.id)))
@@ -225,6 +234,15 @@ class Pm2Target(DeployTarget):
         # Unique per rollout: `pm2 start` of an existing name restarts that process instead of adding one.
         return f"{self.spec.app.name}-{self.spec.environment}-{slot}@{version}+{deploy_id[:6]}"
 
+    def _process(self, version: str) -> dict:
+        """What PM2 runs: the spec's start command through a shell (exec'd, so signals reach the app), else node."""
+        app = self.spec.app
+        release = self.release_dir(version)
+        cwd = release / app.start_dir if app.start_dir else release
+        if app.start:
+            return {"script": "/bin/sh", "args": ["-c", f"exec {app.start}"], "interpreter": "none", "cwd": str(cwd)}
+        return {"script": str(release / app.entrypoint), "cwd": str(cwd)}
+
     def _start_instance(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], log: LogFn) -> tuple[str, int]:
         app = self.spec.app
         cfg = self.spec.target.pm2
@@ -232,6 +250,8 @@ class Pm2Target(DeployTarget):
         name = self._instance_name(slot, version, deploy_id)
         self.logs.mkdir(parents=True, exist_ok=True)
         self.app_files.mkdir(parents=True, exist_ok=True)
+        instance_dir = self.instance_dirs / str(slot)
+        instance_dir.mkdir(parents=True, exist_ok=True)
         logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
         # Non-secret settings go in the app file; secrets only travel in the CLI's environment, so they
         # are never written to disk by us. (No `env` block may shadow them: PM2 lets it win.)
@@ -240,20 +260,20 @@ class Pm2Target(DeployTarget):
             "OPS_ENV": self.spec.environment,
             "OPS_SLOT": str(slot),
             "OPS_DEPLOY_ID": deploy_id,
+            "OPS_PORT": str(port),
             app.version_env: version,
-            app.port_env: str(self.spec.target.port),
-            app.instance_port_env: str(port),
+            app.port_env: str(port),
             "SHUTDOWN_TIMEOUT_MS": str(int(app.shutdown_timeout_s * 1000)),
+            **{k: v.format(slot=slot, port=port, instance_dir=instance_dir) for k, v in app.instance_env.items()},
         }
+        if app.instance_port_env:
+            public_env[app.instance_port_env] = str(port)
         definition = {
             "apps": [{
                 "name": name,
-                "script": str(self.release_dir(version) / app.entrypoint),
-                "cwd": str(self.release_dir(version)),
-                "exec_mode": "cluster",
+                **self._process(version),
+                "exec_mode": "fork",
                 "instances": 1,
-                "wait_ready": True,
-                "listen_timeout": int(cfg.listen_timeout_s * 1000),
                 "kill_timeout": int(cfg.kill_timeout_s * 1000),
                 "max_memory_restart": cfg.max_memory_restart,
                 "autorestart": True,
@@ -267,8 +287,7 @@ class Pm2Target(DeployTarget):
         }
         app_file = self.app_files / f"{deploy_id}-{slot}.json"
         app_file.write_text(json.dumps(definition, indent=2))
-        self.pm2("start", str(app_file), extra_env={**app_env, **public_env}, log=log,
-                 timeout_s=cfg.listen_timeout_s + 10)
+        self.pm2("start", str(app_file), extra_env={**app_env, **public_env}, log=log, timeout_s=60)
         return name, port
 
     def _find(self, name: str, deploy_id: str) -> Instance | None:
@@ -285,7 +304,8 @@ class Pm2Target(DeployTarget):
         # Ask PM2 (a node CLI start, ~0.3 s) only when the instance is slow to answer, then every 2 s.
         next_state_check = time.monotonic() + 1.5
         while time.monotonic() < deadline:
-            p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0))
+            p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
+                                  version_from=self.spec.app.health_version)
             last = p
             streak = streak + 1 if p.healthy_for(version) else 0
             if streak >= 2:
@@ -312,30 +332,51 @@ class Pm2Target(DeployTarget):
         # PM2 sends SIGINT, waits kill_timeout for the app to drain, then SIGKILL.
         self.pm2("delete", inst.id, log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
 
+    @staticmethod
+    def _upstream(members: dict[str, int]) -> list[tuple[int, str]]:
+        return [(port, name) for name, port in sorted(members.items(), key=lambda kv: kv[1])]
+
+    def _route(self, members: dict[str, int], log: LogFn) -> set[int]:
+        """nginx routes to exactly `members` from now on; returns the previous worker generation (still finishing)."""
+        try:
+            return self.nginx.apply(self._upstream(members), log)
+        except NginxError as exc:
+            raise RolloutError(f"front proxy: {exc}", RolloutReport(self.spec.version, [])) from None
+
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
                 surge_all: bool = False) -> RolloutReport:
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
         old = [i for i in self.serving()]
         previous = self.current_version()
-        if not old and _port_in_use(self.spec.target.host, self.spec.target.port):
-            raise RolloutError(f"target.port: {self.spec.target.host}:{self.spec.target.port} is already in use by a process "
-                               f"that is not part of environment '{self.spec.environment}'; nothing was started",
-                               RolloutReport(version, []))
+        host, port = self.spec.target.host, self.spec.target.port
+        if not self.nginx.master_pid() and _port_in_use(host, port):
+            raise RolloutError(f"target.port: {host}:{port} is already in use by a process that is not part of "
+                               f"environment '{self.spec.environment}'; nothing was started", RolloutReport(version, []))
         report = RolloutReport(version=version, previous_versions=sorted({i.version for i in old}))
         started = time.monotonic()
-        log(f"rolling out {version} to {self.spec.target.instances} instance(s) on PM2 "
+        # The front proxy routes to what serves now: it is started on the first release (or after a reboot).
+        members = {i.name: i.extra["port"] for i in old if i.extra.get("port") and i.status == "online"}
+        self._route(members, log)
+        log(f"rolling out {version} to {self.spec.target.instances} instance(s) on PM2 behind nginx {host}:{port} "
             f"({'all new instances at once' if surge_all else 'one at a time'}); serving now: "
             f"{', '.join(f'{i.name}[{i.status}]' for i in old) or 'nothing'}")
         try:
-            new = self._surge(version, deploy_id, old, app_env, report, started, log, surge_all=surge_all)
+            new = self._surge(version, deploy_id, old, members, app_env, report, started, log, surge_all=surge_all)
         except (RolloutError, CommandError, OSError) as exc:
             detail = str(exc)
             tail = getattr(exc, "log_tail", "")
-            for inst in [i for i in self.serving() if i.deploy_id == deploy_id]:
+            withdrawn = [i for i in self.serving() if i.deploy_id == deploy_id]
+            for inst in withdrawn:
+                members.pop(inst.name, None)
+            if withdrawn:
+                old_workers = self._route(members, log)
+                self.nginx.wait_gone(old_workers, self.spec.target.pm2.drain_s)
+            for inst in withdrawn:
                 self._delete(inst, log)
                 report.add("removed", inst.name, version, started, "new instance withdrawn")
-            recovery = self._ensure_serving(previous, app_env, report, started, log) if previous and previous != version else ""
+            recovery = self._ensure_serving(previous, members, app_env, report, started, log) \
+                if previous and previous != version else ""
             report.finished_at = time.time()
             serving = self.serving()
             raise RolloutError(
@@ -351,58 +392,81 @@ class Pm2Target(DeployTarget):
         report.finished_at = time.time()
         return report
 
-    def _surge(self, version: str, deploy_id: str, old: list[Instance], app_env: dict[str, str], report: RolloutReport,
-               started: float, log: LogFn, surge_all: bool = False) -> list[str]:
-        """One slot at a time: a new instance must be healthy before an old one is taken out. The old one then drains
-        in the background while the next new one starts (at most one drain at a time). With `surge_all`, every new
-        instance starts at once and old ones leave as new ones turn healthy."""
+    def _surge(self, version: str, deploy_id: str, old: list[Instance], members: dict[str, int], app_env: dict[str, str],
+               report: RolloutReport, started: float, log: LogFn, surge_all: bool = False) -> list[str]:
+        """One slot at a time: a new instance must be healthy on its own port before one nginx reload puts it in and
+        takes one old instance out; the old one then drains and stops in the background while the next new one
+        starts (at most one drain at a time). With `surge_all`, every new instance starts at once and old ones leave
+        as new ones turn healthy."""
         new: list[str] = []
         old = list(old)
         slots = range(self.spec.target.instances)
+        routing = threading.Lock()
         with ThreadPoolExecutor(max_workers=1) as drainer, ThreadPoolExecutor(max_workers=len(slots)) as starter:
             drains = []
+
+            def swap(name: str | None, port: int | None, victim: Instance | None, what: str) -> None:
+                with routing:
+                    if name:
+                        members[name] = port
+                    if victim:
+                        members.pop(victim.name, None)
+                    old_workers = self._route(members, log)
+                if victim:
+                    drains.append(drainer.submit(self._drain, victim, old_workers, report, started, log, what))
+
             try:
-                if surge_all:
-                    futures = [starter.submit(self._surge_slot, slot, version, deploy_id, app_env, report, started, log)
-                               for slot in slots]
-                    pending = list(futures)
-                else:
-                    pending = []
+                pending = [starter.submit(self._surge_slot, slot, version, deploy_id, app_env, report, started, log)
+                           for slot in slots] if surge_all else []
                 for slot in slots:
                     if surge_all:
-                        name = pending.pop(0).result()
+                        name, port = pending.pop(0).result()
                     else:
-                        name = self._surge_slot(slot, version, deploy_id, app_env, report, started, log)
+                        name, port = self._surge_slot(slot, version, deploy_id, app_env, report, started, log)
                     new.append(name)
-                    if old:
-                        drains.append(drainer.submit(self._drain, old.pop(0), report, started, log, "drained and stopped"))
+                    swap(name, port, old.pop(0) if old else None, "drained and stopped")
                 for victim in old:  # more old instances than slots (scale down)
-                    drains.append(drainer.submit(self._drain, victim, report, started, log, "drained and stopped (scale down)"))
+                    swap(None, None, victim, "drained and stopped (scale down)")
             finally:
                 for d in drains:
                     d.result()
         return new
 
-    def _drain(self, victim: Instance, report: RolloutReport, started: float, log: LogFn, what: str) -> None:
+    def _drain(self, victim: Instance, old_workers: set[int], report: RolloutReport, started: float, log: LogFn,
+               what: str) -> None:
+        """Out of nginx already: wait until nginx's previous workers finished their requests and no connection to the
+        instance is left (at most drain_s), then stop it."""
+        t0 = time.monotonic()
+        drain_s = self.spec.target.pm2.drain_s
+        drained = self.nginx.wait_gone(old_workers, drain_s)
+        port = victim.extra.get("port")
+        while port and established_to(port) and time.monotonic() - t0 < drain_s:
+            time.sleep(0.05)
+        left = established_to(port) if port else 0
+        waited = time.monotonic() - t0
         self._delete(victim, log)
-        report.add("removed", victim.name, victim.version, started, what)
-        log(f"removed {victim.name} ({victim.version})")
+        detail = (f"{what}: drained in {waited:.2f} s" if drained and not left
+                  else f"{what}: drain cut after {waited:.1f} s ({left} connection(s) left)")
+        report.add("removed", victim.name, victim.version, started, detail)
+        log(f"removed {victim.name} ({victim.version}): {detail}")
 
     def _surge_slot(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], report: RolloutReport,
-                    started: float, log: LogFn) -> str:
+                    started: float, log: LogFn) -> tuple[str, int]:
         name, port = self._start_instance(slot, version, deploy_id, app_env, log)
-        report.add("started", name, version, started, f"instance port {port}")
+        report.add("started", name, version, started, f"own port {port}, not in the front proxy yet")
         healthy, detail = self._wait_instance_healthy(name, deploy_id, port, version)
         if not healthy:
             report.add("failed", name, version, started, detail)
-            err = RolloutError(f"new instance {name} never became healthy ({detail})", report)
+            err = RolloutError(f"new instance {name} never became healthy on its own port ({detail}); it never "
+                               "received public traffic", report)
             err.log_tail = f"last log lines of {name}:\n{self._log_tail(name)}"
             raise err
         report.add("healthy", name, version, started, detail)
-        log(f"{name} healthy ({detail})")
-        return name
+        log(f"{name} healthy on its own port ({detail})")
+        return name, port
 
-    def _ensure_serving(self, version: str, app_env: dict[str, str], report: RolloutReport, started: float, log: LogFn) -> str:
+    def _ensure_serving(self, version: str, members: dict[str, int], app_env: dict[str, str], report: RolloutReport,
+                        started: float, log: LogFn) -> str:
         """After a failed rollout: if the previous version lost its instances (the PM2 daemon died), start them again."""
         alive = [i for i in self.serving() if i.version == version and i.status == "online"]
         if alive:
@@ -412,18 +476,16 @@ class Pm2Target(DeployTarget):
         log(f"no instance of {version} survived (PM2 daemon lost?): starting them again")
         deploy_id = uuid.uuid4().hex[:12]
         try:
-            restarted = self._surge(version, deploy_id, [], app_env, report, started, log)
+            restarted = self._surge(version, deploy_id, [], members, app_env, report, started, log)
         except (RolloutError, CommandError, OSError) as exc:
             return f"restarting {version} failed too: {str(exc)[:300]}. "
         self._switch_current(version)
         self.pm2("save", check=False)
         return f"PM2 had lost every instance of {version}; restarted {len(restarted)} of them. "
 
-    def instance_probe_urls(self) -> list[str]:
-        return [i.probe_url for i in self.serving() if i.probe_url]
-
     def stop_all(self) -> None:
-        """Stop this environment's PM2 daemon and every instance (tests, teardown)."""
+        """Stop this environment's front proxy, PM2 daemon and every instance (tests, teardown, `make down`)."""
+        self.nginx.stop()
         if self.home.exists():
             self.pm2("kill", check=False, timeout_s=60)
 
