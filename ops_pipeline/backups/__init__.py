@@ -17,6 +17,7 @@ and only a backup with a manifest exists.
     scheduler.py   the restore's tasks run on `jobs` connections as their inputs become ready
     database.py    create / pg_restore into / ANALYZE / drop the database a restore or drill works on
     drill.py       checks on a restored database: row counts, pg_amcheck
+    switch.py      the restored database takes the live one's name (the live one is kept aside)
     pg_archive.py  the TOC of a pg_dump custom archive, read from a stream
 
 Everything the rest of the code uses is importable from `ops_pipeline.backups`.
@@ -30,11 +31,13 @@ from ops_pipeline.backups.dump import MANIFEST_VERSION, TRIGGERS, new_backup_id,
 from ops_pipeline.backups.restore import RESTORE_JOBS, data_loss_window, find_backup, newest_verified, restore_into
 from ops_pipeline.backups.retention import RetentionPlan, RetentionPolicy, apply_retention, plan_retention
 from ops_pipeline.backups.streamed import fk_check_settings
+from ops_pipeline.backups.switch import switch_databases
 from ops_pipeline.backups.verify import decompressed, stream_decompressed, verify_stored
 
 __all__ = [
     "MANIFEST_VERSION", "RESTORE_JOBS", "TRIGGERS", "BackupError", "LogFn", "RetentionPlan", "RetentionPolicy",
     "amcheck", "apply_retention", "common", "compare_counts", "data_loss_window", "decompressed", "drop_database",
     "find_backup", "fk_check_settings", "new_backup_id", "newest_verified", "plan_retention", "preflight",
-    "restore_into", "spool", "store_scope", "stream_decompressed", "streamed", "take_backup", "verify_stored",
+    "restore_into", "spool", "store_scope", "stream_decompressed", "streamed", "switch_databases", "take_backup",
+    "verify_stored",
 ]

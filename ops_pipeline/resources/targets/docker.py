@@ -25,6 +25,10 @@ drain that old one (the old nginx workers finish their in-flight requests; bound
 container that never gets healthy is removed, the old ones keep serving, and the error carries the last probe and
 the container's last log lines (redacted). State is read back from the engine (labels), never remembered: what
 runs, which version, which slot, which published port.
+
+Why this module is over 400 lines: it is one class, the target, whose rollout still decides and calls the engine
+in the same code; the front proxy (nginx.py), the host relays (relay.py) and the engine (docker_engine.py) are
+already apart. It shrinks when the rollout becomes a plan built as data and run by one executor (issue 12).
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ names the step that failed. The image is tagged `<repository>:<commit>[-dirty]` 
 bytes that were released, whatever happened to the tags since. Like release bundles, the same content is
 never built twice: the image carries the hash of its build context (files after .dockerignore, build
 arguments, base image id) as a label, and a build whose context hash already has an image reuses it.
+
+Why this module is a little over 400 lines: it is one resource, whose build, push, pull and one-off runs share
+the client, the streamed log batching and the error handling.
 """
 
 from __future__ import annotations
