@@ -77,7 +77,7 @@ def test_launch_runs_dg_with_the_log_in_a_file_and_prints_the_account(tmp_path):
     assert lines[1] == f"  full log: {log}  (tail -f it to follow the run)"
     assert lines[2].startswith("release run ") and ": FAILURE in " in lines[2]
     assert lines[3].split()[:2] == ["FAILED", "verify_env"] and "not ready for a release" in lines[3]
-    assert "missing required environment variables: DATABASE_URL, REDIS_URL, JWT_SECRET, NODE_ENV" in out.stdout
+    assert "app.database.url_from: environment variable DATABASE_URL is not set" in out.stdout
     steps = [line.split() for line in lines[4:] if not line.startswith("      ")]
     assert steps == [["not", "run", step] for step in ("run_tests", "build_image", "backup_database", "migrate_database",
                                                        "rolling_deploy", "health_gate")], out.stdout
