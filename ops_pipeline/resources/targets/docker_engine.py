@@ -184,7 +184,12 @@ class DockerEngine(dg.ConfigurableResource):
         commit = spec.commit or "nogit"
         commit_tag = image_tag(f"{commit}{'-dirty' if spec.dirty else ''}")
         version_tag = image_tag(spec.version)
-        buildargs = {"BASE_IMAGE": cfg.base_image} if cfg.base_image else None
+        buildargs = {"BASE_IMAGE": cfg.base_image} if cfg.base_image else {}
+        # The release version reaches the image build when the Dockerfile asks for it (ARG <version_env>); only then
+        # does it make the image differ from one version to the next.
+        if re.search(rf"^\s*ARG\s+{re.escape(app.version_env)}\b", (app_dir / "Dockerfile").read_text(), re.MULTILINE):
+            buildargs[app.version_env] = spec.version
+        buildargs = buildargs or None
         started = time.monotonic()
         build_started_wall = time.time()
         client = self.client()
