@@ -168,15 +168,15 @@ def main() -> int:
         shutil.rmtree(STATE, ignore_errors=True)
 
     print()
-    print(f"{'phase':<26}{'requests':>10}{'2xx':>10}{'non-2xx':>9}{'conn err':>10}{'stale k-a':>10}{'resent ok':>10}"
+    print(f"{'phase':<34}{'requests':>10}{'2xx':>10}{'non-2xx':>9}{'conn err':>10}{'stale k-a':>10}{'resent ok':>10}"
           f"{'req/s':>8}  versions seen")
     all_ok = True
     for r in rows:
         vers = ", ".join(f"{k}:{v}" for k, v in sorted(r["versions"].items()))
-        print(f"{r['phase']:<26}{r['requests']:>10}{r['2xx']:>10}{r['non_2xx']:>9}{r['errors']:>10}{r['stale']:>10}"
+        print(f"{r['phase']:<34}{r['requests']:>10}{r['2xx']:>10}{r['non_2xx']:>9}{r['errors']:>10}{r['stale']:>10}"
               f"{r['resent_ok']:>10}{r['rate']:>8.0f}  {vers}")
         if r["samples"]:
-            print(f"{'':<26}first failures: {r['samples'][:3]}")
+            print(f"{'':<34}first failures: {r['samples'][:3]}")
         if r.get("broken"):
             all_ok &= r["baseline"] or r["non_2xx"] + r["errors"] == 0
             continue
