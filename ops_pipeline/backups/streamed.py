@@ -34,8 +34,8 @@ from ops_pipeline.resources.postgres import ConnInfo, PostgresResource
 ROWS_IN_MEMORY = 256 << 20  # table rows a restore holds in memory ahead of its loaders; more wait in temp files
 # Foreign keys are checked when they are added (one anti-join of the two tables). The planner picks a hash join;
 # after a restore that loaded the tables frozen (all-visible), a merge join over index-only scans of the two
-# tables' indexes is several times cheaper (bench: order_items -> orders, 2.4M x 1M rows, 1.4-1.8 s hash vs
-# 0.3 s merge). Used only where the referencing columns lead an index (the referenced side always has one).
+# tables' indexes is several times cheaper (bench/README.md, "Foreign key checks"). Used only where the
+# referencing columns lead an index (the referenced side always has one).
 FK_CHECK_SETTINGS = {"enable_hashjoin": "off"}
 _FK_DEFN = re.compile(r"^ALTER TABLE (?:ONLY )?(\S+)\s+ADD CONSTRAINT .*? FOREIGN KEY \(([^)]*)\) REFERENCES ", re.S)
 # What pg_restore sets on its connections before it runs any entry (pg_backup_archiver.c, _doSetFixedOutputState);

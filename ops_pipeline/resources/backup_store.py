@@ -137,7 +137,7 @@ class BackupStore(dg.ConfigurableResource):
     prefix: str = Field("backups", description="Key prefix inside the store.")
     part_size_mb: int = Field(16, description="S3 multipart part size in MiB (min 5).")
     compression: str = Field("zstd-dump", description="Compression of new backups: 'zstd-dump' (default; zstd tuned for "
-                             "pg_dump data: 1% smaller than the seed script's gzip-6 at ~3.5x its speed, bench/backup.py) "
+                             "pg_dump data; figures in bench/README.md) "
                              "or 'zstd-N', zstd's standard level N (1-19; zstd-3: fastest, ~9% larger).")
     zstd_threads: int = Field(2, description="zstd worker threads (0: compress in the streaming thread).")
     s3_endpoint_url: str = Field("", description="S3-compatible endpoint (empty: AWS).")
