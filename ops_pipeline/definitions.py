@@ -25,7 +25,7 @@ from ops_pipeline.resources.redis import RedisResource
 from ops_pipeline.resources.targets import DeployTargets
 from ops_pipeline.resources.targets.pm2 import Pm2Resource
 from ops_pipeline.schedules import build_schedules
-from ops_pipeline.sensors import health_watch, rollback_on_release_failure
+from ops_pipeline.sensors import health_watch, rollback_on_release_failure, run_liveness
 
 
 def _env_secret(name: str):
@@ -69,6 +69,6 @@ def build_resources() -> dict:
 defs = dg.Definitions(
     jobs=[release, rollback, backup, restore_drill_job, restore_database_job],
     schedules=build_schedules(),
-    sensors=[health_watch, rollback_on_release_failure],
+    sensors=[health_watch, rollback_on_release_failure, run_liveness],
     resources=build_resources(),
 )
