@@ -39,8 +39,8 @@ HOST_TAG = "ops/host"
 BOOT_TAG = "ops/boot_id"
 DEATH_MARK = "ops-pipeline liveness"  # the engine event declaring a run dead starts with this
 IN_PROGRESS = (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING)
-# A process started at most this long after the run's first event is still the run's own process (btime is whole
-# seconds, the run's timestamps are the writer's clock).
+# A process started at most this long after the event that recorded its pid is still the run's own process (btime is
+# whole seconds, the event's timestamp is the writer's clock).
 START_SLACK_S = 2.0
 
 _declare_lock = threading.Lock()
@@ -125,27 +125,28 @@ def process_state(pid: int) -> tuple[str, float | None, str]:
 # ---- what the instance recorded ------------------------------------------------------------------------------
 
 def run_process(instance: dg.DagsterInstance, run_id: str) -> tuple[int | None, float | None, str]:
-    """(pid, timestamp of the run's first event by that process, how it was found) of the process executing the run."""
+    """(pid, timestamp of the event naming it, how it was found) of the process executing the run. The event was
+    written by that process itself, so the process started before it (other events, e.g. the daemon's before a
+    launched run's worker exists, say nothing about it)."""
     records = instance.get_records_for_run(
         run_id, of_type={DagsterEventType.RUN_START, DagsterEventType.ENGINE_EVENT}, limit=200, ascending=True).records
-    first_ts = None
     for rec in records:
         ev = rec.event_log_entry.dagster_event
         if ev is None:
             continue
-        first_ts = rec.event_log_entry.timestamp if first_ts is None else first_ts
+        ts = rec.event_log_entry.timestamp
         if ev.event_type == DagsterEventType.RUN_START and ev.pid:
-            return ev.pid, first_ts, "the RUN_START event's pid"
+            return ev.pid, ts, "the RUN_START event's pid"
         if ev.event_type == DagsterEventType.ENGINE_EVENT and (ev.message or "").startswith("Started process for run"):
             md = getattr(ev.event_specific_data, "metadata", {}) or {}
             pid = md.get("pid")
             raw = getattr(pid, "value", getattr(pid, "text", pid))
             try:
-                return int(raw), first_ts, "the engine event 'Started process for run'"
+                return int(raw), ts, "the engine event 'Started process for run'"
             except (TypeError, ValueError):
                 if ev.pid:
-                    return ev.pid, first_ts, "the engine event 'Started process for run'"
-    return None, first_ts, "no event of the run names its process"
+                    return ev.pid, ts, "the engine event 'Started process for run'"
+    return None, None, "no event of the run names its process"
 
 
 def last_event(instance: dg.DagsterInstance, run_id: str) -> tuple[float | None, str]:
@@ -217,11 +218,11 @@ def check_run(instance: dg.DagsterInstance, run: dg.DagsterRun) -> Verdict:
     if started is not None:
         evidence["process_started_at"] = round(started, 2)
     if first_ts is not None:
-        evidence["run_first_event_at"] = round(first_ts, 2)
+        evidence["pid_recorded_at"] = round(first_ts, 2)
     if state in ("gone", "zombie"):
         return Verdict(DEAD, desc, pid, here, evidence)
     if started is not None and first_ts is not None and started > first_ts + START_SLACK_S:
-        return Verdict(DEAD, f"{desc} but started {started - first_ts:.0f} s after the run's first event: "
+        return Verdict(DEAD, f"{desc} but started {started - first_ts:.0f} s after the run recorded its pid: "
                              f"the run's process is gone and its pid was reused", pid, here, evidence)
     return Verdict(ALIVE, desc, pid, here, evidence)
 
