@@ -250,10 +250,11 @@ def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
-        "Watches every environment's health endpoint after release: several probes per evaluation, consecutive "
-        "failures kept in the cursor; at 3 (default) it requests one rollback per incident (run key: environment + "
-        "bad version), none while a release or rollback of that environment runs, none when the last good version is "
-        "the one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick."
+        "Watches every environment's health endpoint after release, all environments at once: several probes per "
+        "evaluation, consecutive failures kept in the cursor; at 3 (default) it requests one rollback per incident (run "
+        "key: environment + bad version), none while a release or rollback of that environment runs (unless that run's "
+        "process is dead: then it is marked failed and the rollback goes ahead), none when the last good version is the "
+        "one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick."
     ),
 )
 def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTargets) -> dg.SensorResult:
