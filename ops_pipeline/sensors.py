@@ -277,7 +277,7 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
             context.log.warning(f"{text}: {request.run_config['ops']['plan_rollback']['config']['reason']}")
     if any(kind not in ("healthy", "idle") for _, kind, _ in outcomes):
         context.log.info(note)
-    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor, separators=(",", ":")),
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor),
                            skip_reason=None if requests else note)
 
 
