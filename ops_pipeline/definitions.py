@@ -26,7 +26,7 @@ from ops_pipeline.resources.redis import RedisResource
 from ops_pipeline.resources.targets import DeployTargets
 from ops_pipeline.resources.targets.pm2 import Pm2Resource
 from ops_pipeline.schedules import build_schedules
-from ops_pipeline.sensors import health_watch, rollback_on_release_failure
+from ops_pipeline.sensors import health_watch, rollback_on_release_failure, run_liveness
 
 # Dagster 1.13 itself passes `owners` when Definitions binds resources to the jobs the sensors target
 # (SensorDefinition.with_updated_jobs); the BetaWarning it raises is about its own call, not ours.
@@ -74,6 +74,6 @@ def build_resources() -> dict:
 defs = dg.Definitions(
     jobs=[release, rollback, backup, restore_drill_job, restore_database_job],
     schedules=build_schedules(),
-    sensors=[health_watch, rollback_on_release_failure],
+    sensors=[health_watch, rollback_on_release_failure, run_liveness],
     resources=build_resources(),
 )

@@ -1,24 +1,37 @@
-"""Sensors that roll a bad release back: a health watch over every released environment, and release failures.
+"""Sensors that roll a bad release back: a health watch over every released environment, release failures, and
+dead runs swept so they never block either.
 
 The sensor daemon evaluates a sensor about every 5 s whatever its interval says, so the health watch
 probes several times per evaluation (default 5 probes 1 s apart, so evaluations follow each other with no
 gap) and keeps consecutive failures in its JSON cursor across evaluations: three failed probes in a row (never a single blip) request one rollback
 per incident, keyed on environment + bad version.
 
+Every environment is probed at the same time (one thread each, up to OPS_HEALTH_MAX_PARALLEL, all through one
+HTTP client with a bounded number of connections, a fresh connection per probe), so an evaluation lasts about
+probes x interval whatever the number of environments (bench/health_watch.py). Its cursor keeps a few numbers per
+environment; its note is one summary line plus the environments that are not healthy.
+
+A run of an environment that is in progress blocks the health watch's rollback, unless its process is dead
+(ops_pipeline/liveness.py): then it is marked failed and the rollback goes ahead. `run_liveness` sweeps every
+in-progress run of this project's jobs on its own, so a dead one never keeps the queue blocked.
+
 Settings (environment, read at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
-OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0).
+OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0), OPS_HEALTH_MAX_PARALLEL (64).
 """
 
 import json
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dagster as dg
+import httpx
 
-from ops_pipeline import history
+from ops_pipeline import history, liveness
 from ops_pipeline.spec import ReleaseSpec
-from ops_pipeline.jobs import release, rollback
-from ops_pipeline.resources.health import HttpProber
+from ops_pipeline.jobs import backup, release, restore_database_job, restore_drill_job, rollback
+from ops_pipeline.resources.health import HttpProber, Probe, reported_version
 from ops_pipeline.resources.targets import DeployTargets
 
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -42,6 +55,39 @@ THRESHOLD = int(_setting("OPS_HEALTH_FAILURE_THRESHOLD", 3, 1))
 PROBES_PER_TICK = int(_setting("OPS_HEALTH_PROBES_PER_TICK", 5, 1))
 PROBE_INTERVAL_S = _setting("OPS_HEALTH_PROBE_INTERVAL_S", 1.0, 0.05)
 PROBE_TIMEOUT_S = _setting("OPS_HEALTH_PROBE_TIMEOUT_S", 2.0, 0.1)
+MAX_PARALLEL = int(_setting("OPS_HEALTH_MAX_PARALLEL", 64, 1))
+NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
+PROJECT_JOBS = {release.name, rollback.name, backup.name, restore_drill_job.name, restore_database_job.name}
+
+
+class SharedClientProber:
+    """HttpProber.probe through one shared httpx client: a client costs ~10-40 ms of CPU to build (TLS context), too
+    much 250 times per evaluation at 50 environments. Still a fresh connection per probe (no keep-alive)."""
+
+    def __init__(self, prober: HttpProber, max_connections: int = MAX_PARALLEL) -> None:
+        self.user_agent = prober.user_agent
+        self.client = httpx.Client(headers={"User-Agent": prober.user_agent, "Connection": "close"},
+                                   limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0))
+
+    def probe(self, url: str, timeout_s: float = 5.0, version_from: str = "json:version") -> Probe:
+        started = time.monotonic()
+        try:
+            resp = self.client.get(url, timeout=timeout_s)
+            latency = (time.monotonic() - started) * 1000
+            try:
+                body = resp.json()
+            except ValueError:
+                body = resp.text[:500]
+            return Probe(url=url, ok=200 <= resp.status_code < 300, status=resp.status_code,
+                         version=reported_version(resp, body, version_from), latency_ms=latency,
+                         body=body if isinstance(body, (dict, str)) else json.dumps(body)[:500],
+                         version_checked=version_from != "off")
+        except httpx.HTTPError as exc:
+            return Probe(url=url, ok=False, status=None, version=None, latency_ms=(time.monotonic() - started) * 1000,
+                         error=f"{type(exc).__name__}: {exc}"[:300])
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def active_runs(instance: dg.DagsterInstance, environment: str) -> list:
@@ -60,8 +106,9 @@ def rollback_request(environment: str, bad_version: str, reason: str, run_key: s
 def evaluate_environment(environment: str, state: dict, hist: history.EnvironmentHistory, prober: HttpProber,
                          instance: dg.DagsterInstance, *, threshold: int = THRESHOLD, probes: int = PROBES_PER_TICK,
                          interval_s: float = PROBE_INTERVAL_S, timeout_s: float = PROBE_TIMEOUT_S,
-                         log=None) -> tuple[dict, dg.RunRequest | None, str]:
-    """Probe one environment; returns (new state, run request or None, note)."""
+                         deadline: float | None = None, log=None) -> tuple[dict, dg.RunRequest | None, str]:
+    """Probe one environment; returns (new state, run request or None, note). `deadline` (time.monotonic()) bounds
+    the probing: no probe starts after it, but one probe always happens."""
     serving = hist.serving_version
     record = hist.release_of(serving) if serving else None
     recorded = history.spec_json(record) if record else None
@@ -76,18 +123,21 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         state["probes"] = state.get("probes", 0) + 1
         if p.ok:
             if state.get("failures"):
-                state["recovered_at"] = time.time()
+                state["recovered_at"] = round(time.time(), 1)
             state["failures"] = 0
-            state.pop("first_failure_at", None)
+            for key in ("first_failure_at", "last_error", "bad_version"):
+                state.pop(key, None)
             state["last_ok"] = p.version
         else:
             state["failures"] = state.get("failures", 0) + 1
-            state.setdefault("first_failure_at", time.time())
+            state.setdefault("first_failure_at", round(time.time(), 1))
             state["bad_version"] = p.version or serving
-            state["last_error"] = p.summary()[:300]
+            state["last_error"] = p.summary()[:200]
             if state["failures"] >= threshold:
                 break
         if i + 1 < probes:
+            if deadline is not None and time.monotonic() + interval_s > deadline:
+                break
             time.sleep(interval_s)
     if state.get("failures", 0) < threshold:
         return state, None, f"{environment}: {serving} healthy" if not state.get("failures") else \
@@ -103,20 +153,95 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=1))
     if requested:
         return state, None, f"{environment}: rollback of {bad} already requested (run {requested[0].run_id[:8]})"
-    running = active_runs(instance, environment)
-    if running:
-        return state, None, f"{environment}: unhealthy, but run {running[0].run_id[:8]} ({running[0].job_name}) is in progress"
     good = hist.last_good(exclude={bad})
+    key = f"health:{environment}:{bad}"
+    running, declared = [], []
+    for run in active_runs(instance, environment):
+        verdict = liveness.check_run(instance, run) if run.status in liveness.IN_PROGRESS else None
+        if verdict is not None and verdict.dead:
+            declared.append((run, verdict))
+        else:
+            running.append(run)
+    for run, verdict in declared:
+        # the rollback goes ahead only when nothing else of this environment runs and there is somewhere to go
+        liveness.declare_dead(instance, run, verdict, detected_by="health_watch",
+                              rollback=key if good is not None and not running else "")
+    dead_note = "".join(f"; run {r.run_id[:8]} ({r.job_name}) was dead ({v.reason}): marked failed" for r, v in declared)
+    if running:
+        return state, None, (f"{environment}: unhealthy, but run {running[0].run_id[:8]} ({running[0].job_name}) is in "
+                             f"progress{dead_note}")
     if good is None:
         latest = hist.latest()
         if latest is not None and latest.event == history.ROLLED_BACK and latest.version == bad:
-            return state, None, f"{environment}: the last good version {bad} is what is failing; a rollback would not help"
-        return state, None, f"{environment}: {bad} unhealthy and no known-good version to roll back to"
+            return state, None, f"{environment}: the last good version {bad} is what is failing; a rollback would not help{dead_note}"
+        return state, None, f"{environment}: {bad} unhealthy and no known-good version to roll back to{dead_note}"
     reason = (f"health watch: {state['failures']} consecutive failed probes of {url} since "
               f"{time.strftime('%H:%M:%S', time.gmtime(state['first_failure_at']))}Z ({state.get('last_error', '')})")
-    key = f"health:{environment}:{bad}"
     state["requested"] = key
-    return state, rollback_request(environment, bad, reason, key, "health_watch"), f"{environment}: rollback of {bad} requested"
+    return state, rollback_request(environment, bad, reason, key, "health_watch"), \
+        f"{environment}: rollback of {bad} requested{dead_note}"
+
+
+def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *, probes: int | None = None,
+               interval_s: float | None = None, timeout_s: float | None = None, threshold: int | None = None,
+               max_parallel: int | None = None) -> tuple[dict, list[dg.RunRequest], list[tuple[str, str, str]]]:
+    """One evaluation over every released environment, all probed at the same time. Returns (new cursor, run
+    requests, [(environment, kind, note)]) with kind one of healthy | failing | unhealthy | requested | idle | error.
+    Settings default to the module's (read at call time)."""
+    probes = PROBES_PER_TICK if probes is None else probes
+    interval_s = PROBE_INTERVAL_S if interval_s is None else interval_s
+    timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    threshold = THRESHOLD if threshold is None else threshold
+    max_parallel = MAX_PARALLEL if max_parallel is None else max_parallel
+    envs = history.environments(instance)
+    # probing lasts about probes x interval; the bound leaves room for a last probe's timeout
+    budget_s = max(probes - 1, 0) * interval_s + timeout_s
+    deadline = time.monotonic() + budget_s
+
+    def one(env: str):
+        try:
+            hist = history.load(instance, env, limit=100)
+            state, request, note = evaluate_environment(env, dict(cursor.get(env, {})), hist, prober, instance,
+                                                        threshold=threshold, probes=probes, interval_s=interval_s,
+                                                        timeout_s=timeout_s, deadline=deadline)
+            if request is not None:
+                kind = "requested"
+            elif not state:
+                kind = "idle"
+            elif state.get("failures", 0) == 0:
+                kind = "healthy"
+            elif state.get("failures", 0) < threshold:
+                kind = "failing"
+            else:
+                kind = "unhealthy"
+            return env, state, request, kind, note
+        except Exception as exc:  # noqa: BLE001 - one environment's error never crashes the tick
+            return env, cursor.get(env, {}), None, "error", f"{env}: sensor error {type(exc).__name__}: {str(exc)[:200]}"
+
+    results = []
+    if envs:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(envs), max_parallel)), thread_name_prefix="health") as pool:
+            results = list(pool.map(one, envs))
+    new_cursor = {env: state for env, state, _, _, _ in results if state}  # environments gone leave the cursor
+    requests = [r for _, _, r, _, _ in results if r is not None]
+    return new_cursor, requests, [(env, kind, note) for env, _, _, kind, note in results]
+
+
+def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int = NOTE_MAX_ENVIRONMENTS) -> str:
+    """One summary line, then only the environments that are not healthy (at most `limit`)."""
+    if not outcomes:
+        return "no released environment"
+    counts: dict[str, int] = {}
+    for _, kind, _ in outcomes:
+        counts[kind] = counts.get(kind, 0) + 1
+    order = ["healthy", "failing", "unhealthy", "requested", "error", "idle"]
+    summary = (f"{len(outcomes)} environment(s) probed in {elapsed_s:.1f} s: "
+               + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))
+    attention = [note for _, kind, note in outcomes if kind not in ("healthy", "idle")]
+    lines = [summary] + attention[:limit]
+    if len(attention) > limit:
+        lines.append(f"... and {len(attention) - limit} more not healthy (see the sensor's cursor)")
+    return "\n".join(lines)
 
 
 @dg.sensor(
@@ -125,10 +250,11 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
-        "Watches every environment's health endpoint after release: several probes per evaluation, consecutive "
-        "failures kept in the cursor; at 3 (default) it requests one rollback per incident (run key: environment + "
-        "bad version), none while a release or rollback of that environment runs, none when the last good version is "
-        "the one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick."
+        "Watches every environment's health endpoint after release, all environments at once: several probes per "
+        "evaluation, consecutive failures kept in the cursor; at 3 (default) it requests one rollback per incident (run "
+        "key: environment + bad version), none while a release or rollback of that environment runs (unless that run's "
+        "process is dead: then it is marked failed and the rollback goes ahead), none when the last good version is the "
+        "one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick."
     ),
 )
 def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTargets) -> dg.SensorResult:
@@ -136,24 +262,23 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
         cursor = json.loads(context.cursor) if context.cursor else {}
     except ValueError:
         cursor = {}
-    requests, notes = [], []
+    started = time.monotonic()
+    prober = SharedClientProber(deploy_targets.prober)
     try:
-        envs = history.environments(context.instance)
+        cursor, requests, outcomes = watch_tick(context.instance, cursor, prober)
     except Exception as exc:  # noqa: BLE001 - a tick must never crash
         return dg.SensorResult(skip_reason=f"cannot read release history: {type(exc).__name__}", cursor=json.dumps(cursor))
-    for env in envs:
-        try:
-            hist = history.load(context.instance, env, limit=100)
-            state, request, note = evaluate_environment(env, cursor.get(env, {}), hist, deploy_targets.prober, context.instance)
-            cursor[env] = state
-            notes.append(note)
-            if request:
-                requests.append(request)
-                context.log.warning(f"{note}: {request.run_config['ops']['plan_rollback']['config']['reason']}")
-        except Exception as exc:  # noqa: BLE001
-            notes.append(f"{env}: sensor error {type(exc).__name__}: {str(exc)[:200]}")
+    finally:
+        prober.close()
+    note = tick_note(outcomes, time.monotonic() - started)
+    for env, kind, text in outcomes:
+        if kind == "requested":
+            request = next(r for r in requests if r.tags.get("ops/environment") == env)
+            context.log.warning(f"{text}: {request.run_config['ops']['plan_rollback']['config']['reason']}")
+    if any(kind not in ("healthy", "idle") for _, kind, _ in outcomes):
+        context.log.info(note)
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor),
-                           skip_reason=None if requests else ("; ".join(notes) or "no released environment"))
+                           skip_reason=None if requests else note)
 
 
 @dg.run_failure_sensor(
@@ -177,11 +302,52 @@ def rollback_on_release_failure(context: dg.RunFailureSensorContext):
     if run.job_name != release.name:
         return dg.SkipReason(f"{run.job_name} run {run.run_id[:8]} failed: only failed releases request a rollback")
     failed_steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
+    died = ""
+    if not failed_steps:
+        # A run whose process died (declared dead by ops_pipeline.liveness, or by Dagster's run monitoring) has no
+        # step failure: it failed in the steps it started and never finished.
+        death = liveness.death_record(context.instance, run.run_id)
+        if death and death.get("rollback"):
+            return dg.SkipReason(f"release {run.run_id[:8]} died; {death.get('detected_by')} requested its rollback "
+                                 f"({death['rollback']})")
+        failed_steps = liveness.unfinished_steps(context.instance, run.run_id)
+        died = " (its process died)" if failed_steps else ""
     if not set(failed_steps) & DEPLOY_STEPS:
         return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps) or 'start'}, before anything "
                              "was deployed: nothing to roll back")
     cfg = (run.run_config or {}).get("ops", {}).get("verify_env", {}).get("config", {})
     environment = run.tags.get("ops/environment") or cfg.get("environment") or "local"
     bad = run.tags.get("ops/version") or cfg.get("version") or ""
-    return rollback_request(environment, bad, f"release run {run.run_id[:8]} failed at {', '.join(failed_steps)}",
+    if died:
+        # the health watch may have seen the same incident first: one rollback per (environment, bad version)
+        requested = [r for r in context.instance.get_runs(filters=dg.RunsFilter(
+            job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=5)]
+        if requested:
+            return dg.SkipReason(f"release {run.run_id[:8]} died{died}; rollback of {bad} already requested "
+                                 f"(run {requested[0].run_id[:8]})")
+    return rollback_request(environment, bad, f"release run {run.run_id[:8]} failed at {', '.join(failed_steps)}{died}",
                             f"release-failed:{run.run_id}", "release_failure")
+
+
+@dg.sensor(
+    name="run_liveness",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Sweeps every in-progress run of this project's jobs, however it was launched (including `dagster job "
+        "execute` / `dg launch`, which have no run launcher): a run whose process is dead (gone, a zombie, or its pid "
+        "reused) is marked failed with the evidence, so it never keeps the run queue, the health watch or the next "
+        "release waiting. A run that is only slow is never declared dead. See ops_pipeline/liveness.py."
+    ),
+)
+def run_liveness(context: dg.SensorEvaluationContext):
+    results = liveness.sweep(context.instance, job_names=PROJECT_JOBS, detected_by="run_liveness")
+    for run, verdict, declared in results:
+        if declared:
+            context.log.warning(f"run {run.run_id[:8]} ({run.job_name}) declared dead: {verdict.reason}")
+    dead = [f"{r.run_id[:8]} ({r.job_name}): {v.reason}" for r, v, d in results if d]
+    unknown = [f"{r.run_id[:8]} ({r.job_name}): {v.reason}" for r, v, _ in results if v.state == liveness.UNKNOWN]
+    alive = sum(1 for _, v, _ in results if v.state == liveness.ALIVE)
+    lines = [f"{len(results)} run(s) in progress: {alive} alive, {len(dead)} declared dead, {len(unknown)} unknown"]
+    lines += [f"dead: {d}" for d in dead] + [f"unknown: {u}" for u in unknown[:10]]
+    return dg.SkipReason("\n".join(lines))

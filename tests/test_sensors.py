@@ -207,3 +207,134 @@ def test_release_failure_sensor_acts_only_on_the_release_job(instance):
                                                  dagster_event=result.get_run_failure_event()).for_run_failure()
         out = rollback_on_release_failure(ctx)
         assert isinstance(out, dg.SkipReason) and "only failed releases" in out.skip_message, out
+
+
+# ---- many environments at once ---------------------------------------------------------------------------
+
+def test_all_environments_are_probed_at_the_same_time_with_a_readable_note_and_a_small_cursor(instance):
+    import time as _time
+
+    from ops_pipeline.sensors import SharedClientProber, tick_note, watch_tick
+
+    services = [FakeService() for _ in range(12)]
+    try:
+        for i, svc in enumerate(services):
+            released_twice(instance, f"env{i:02d}", svc.port)
+        services[3].status = services[7].status = 503
+        prober = SharedClientProber(HttpProber())
+        t0 = _time.monotonic()
+        cursor, requests, outcomes = watch_tick(instance, {}, prober, probes=3, interval_s=0.3, threshold=3)
+        elapsed = _time.monotonic() - t0
+        prober.close()
+    finally:
+        for svc in services:
+            svc.close()
+    # one environment alone takes (probes - 1) x interval = 0.6 s; twelve one after another would take 7 s
+    assert elapsed < 3.5, elapsed
+    assert sorted(r.run_key for r in requests) == ["health:env03:v2", "health:env07:v2"]
+    assert all(cursor[f"env{i:02d}"]["probes"] == 3 for i in range(12) if i not in (3, 7))
+    assert max(len(json.dumps(state)) for state in cursor.values()) < 400  # a few numbers, no probe history
+    note = tick_note(outcomes, elapsed)
+    lines = note.splitlines()
+    assert lines[0].startswith("12 environment(s) probed in") and "10 healthy" in lines[0] and "2 requested" in lines[0]
+    assert len(lines) == 3 and lines[1].startswith("env03:") and lines[2].startswith("env07:")
+
+
+def test_the_note_names_at_most_twenty_environments():
+    from ops_pipeline.sensors import tick_note
+
+    outcomes = [(f"e{i}", "failing", f"e{i}: 1 consecutive failed probe(s), below threshold 3") for i in range(30)]
+    outcomes += [(f"h{i}", "healthy", f"h{i}: v1 healthy") for i in range(20)]
+    lines = tick_note(outcomes, 4.2).splitlines()
+    assert lines[0] == "50 environment(s) probed in 4.2 s: 20 healthy, 30 failing"
+    assert len(lines) == 22 and lines[-1].startswith("... and 10 more")
+
+
+# ---- dead runs -------------------------------------------------------------------------------------------
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def failure_event(instance, run):
+    return instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records[-1] \
+        .event_log_entry.dagster_event
+
+
+def started_release(instance, env: str, pid: int, steps=("verify_env", "migrate_database", "rolling_deploy")):
+    """A release run left STARTED by a process `pid`, in the middle of its last step (as a killed CLI run leaves it)."""
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    job = dg.GraphDefinition(name="release").to_job()
+    run = instance.create_run_for_job(job, tags={"ops/environment": env, "ops/version": "v2"},
+                                      status=dg.DagsterRunStatus.NOT_STARTED)
+    instance.report_dagster_event(DagsterEvent(DagsterEventType.RUN_START.value, "release", pid=pid), run.run_id)
+    for i, step in enumerate(steps):
+        instance.report_dagster_event(DagsterEvent(DagsterEventType.STEP_START.value, "release", pid=pid, step_key=step),
+                                      run.run_id)
+        if i + 1 < len(steps):
+            instance.report_dagster_event(
+                DagsterEvent(DagsterEventType.STEP_SUCCESS.value, "release", pid=pid, step_key=step,
+                             event_specific_data=dg._core.execution.plan.objects.StepSuccessData(duration_ms=1.0)),
+                run.run_id)
+    return instance.get_run_by_id(run.run_id)
+
+
+def test_a_dead_release_run_is_marked_failed_and_no_longer_blocks_the_rollback(instance, service):
+    released_twice(instance, "prod", service.port)
+    service.status = 503
+    run = started_release(instance, "prod", dead_pid())
+    assert run.status == dg.DagsterRunStatus.STARTED
+    state, req, note = evaluate_environment("prod", {}, history.load(instance, "prod"), HttpProber(), instance, probes=3,
+                                            interval_s=0.01)
+    assert req is not None and req.run_key == "health:prod:v2", note
+    assert f"run {run.run_id[:8]} (release) was dead" in note and "marked failed" in note
+    failed = instance.get_run_by_id(run.run_id)
+    assert failed.status == dg.DagsterRunStatus.FAILURE
+    message = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records[-1] \
+        .event_log_entry.dagster_event.message
+    assert "health_watch" in message and "rolling_deploy" in message and "health:prod:v2" in message
+    # the release-failure sensor sees the same failure and leaves the incident to the health watch's rollback
+    ctx = dg.build_run_status_sensor_context(sensor_name="rollback_on_release_failure", dagster_instance=instance,
+                                             dagster_run=failed, dagster_event=failure_event(instance, failed)
+                                             ).for_run_failure()
+    out = rollback_on_release_failure(ctx)
+    assert isinstance(out, dg.SkipReason) and "health_watch requested its rollback" in out.skip_message
+
+
+def test_a_live_release_run_still_blocks_the_rollback(instance, service):
+    import os
+
+    released_twice(instance, "prod", service.port)
+    service.status = 503
+    run = started_release(instance, "prod", os.getpid())  # this very process: alive, started before the run
+    state, req, note = evaluate_environment("prod", {}, history.load(instance, "prod"), HttpProber(), instance, probes=3,
+                                            interval_s=0.01)
+    assert req is None and f"run {run.run_id[:8]} (release) is in progress" in note
+    assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+
+
+@pytest.mark.parametrize("steps, expect_rollback", [(("verify_env", "migrate_database", "rolling_deploy"), True),
+                                                    (("verify_env", "run_tests"), False)])
+def test_a_release_that_died_in_its_deploy_gets_a_rollback_from_the_release_failure_sensor(instance, steps,
+                                                                                          expect_rollback):
+    from ops_pipeline.sensors import run_liveness
+
+    run = started_release(instance, "prod", dead_pid(), steps=steps)
+    out = run_liveness(dg.build_sensor_context(instance=instance))
+    assert "1 declared dead" in out.skip_message
+    failed = instance.get_run_by_id(run.run_id)
+    ctx = dg.build_run_status_sensor_context(sensor_name="rollback_on_release_failure", dagster_instance=instance,
+                                             dagster_run=failed, dagster_event=failure_event(instance, failed)
+                                             ).for_run_failure()
+    out = rollback_on_release_failure(ctx)
+    if expect_rollback:
+        assert isinstance(out, dg.RunRequest) and out.run_key == f"release-failed:{run.run_id}"
+        assert "rolling_deploy (its process died)" in out.run_config["ops"]["plan_rollback"]["config"]["reason"]
+    else:
+        assert isinstance(out, dg.SkipReason) and "before anything was deployed" in out.skip_message
