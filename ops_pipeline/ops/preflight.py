@@ -6,7 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ops_pipeline import paths
+from ops_pipeline import liveness, paths
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
 from ops_pipeline.resources.postgres import DatabaseError, PostgresResource
@@ -115,7 +115,7 @@ def verify_env(
     commit, dirty = git_state(app_dir)
     version = config.version or default_version(commit, dirty)
     spec = ReleaseSpec(config=config, version=version, app_dir=str(app_dir), commit=commit, dirty=dirty)
-    tag_run(context, {"ops/environment": config.environment, "ops/version": version,
+    tag_run(context, {**liveness.host_tags(), "ops/environment": config.environment, "ops/version": version,
                       "ops/commit": f"{commit or 'nogit'}{'-dirty' if dirty else ''}", "ops/target": config.target.kind.value})
     context.add_output_metadata(
         {

@@ -38,7 +38,7 @@ VIEWPORT = {"width": 1400, "height": 900}
 RELEASE_STEPS = ["verify_env", "run_tests", "build_image", "backup_database", "migrate_database", "rolling_deploy",
                  "health_gate"]
 AUTOMATION = [("schedules", "nightly_backup"), ("schedules", "weekly_restore_drill"), ("sensors", "health_watch"),
-              ("sensors", "rollback_on_release_failure")]
+              ("sensors", "rollback_on_release_failure"), ("sensors", "run_liveness")]
 RUN_TIMEOUT_S = 240  # a release takes 50-100 s here (npm ci in run_tests dominates), more on a loaded machine
 TERMINAL = re.compile(r"\[(SUCCESS|FAILURE|CANCELED|CANCELING)\]")  # the run page's title ends with its status
 
