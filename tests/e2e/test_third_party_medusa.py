@@ -1,0 +1,121 @@
+"""Medusa v1, a service no one here wrote, released with its spec file only and rolled back by the health watch.
+
+`examples/third-party/medusa/` is Medusa as its users deploy it: the published @medusajs/medusa 1.20.10 and the
+modules its default configuration loads, pinned by the lock file, and the starter's medusa-config.js. A shape
+unlike Unleash's: started by its own CLI in the project folder, one DATABASE_URL (from a file: an external
+PostgreSQL, since its migrations need pg_trgm, which the embedded PostgreSQL 16 lacks; here a throwaway PostgreSQL
+15 cluster), its sessions in the embedded Redis, /health answering the text "OK", TypeORM migrations run by a
+separate command. The test changes only what any user's copy of the spec would: environment name, port, version,
+the file holding the database URL. The broken version is the same service with a regression injected from outside
+its code (a preloaded module that makes /health answer 503 once a file exists), released with the spec's
+`app.env`; the rollback brings back the good version's recorded spec, without that variable.
+"""
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import yaml
+
+from ops_pipeline import history
+from ops_pipeline.local_stack import free_port
+from tests import pg15
+from tests.conftest import ROOT, _STATE
+from tests.e2e.test_rollback_daemon import rollbacks, wait_for
+
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemon")]
+
+MEDUSA = ROOT / "examples" / "third-party" / "medusa"
+REGRESSION = ROOT / "tests" / "fixtures" / "regressions" / "health-503-when-file.cjs"
+MIGRATIONS = 75  # in @medusajs/medusa 1.20.10 (TypeORM's `migrations` table)
+
+
+@pytest.fixture
+def medusa_database(tmp_path):
+    """A database owned by its own role on a PostgreSQL with pg_trgm; yields the file holding its URL."""
+    bindir = pg15.bindir_with("pg_trgm")
+    if bindir is None:
+        pytest.skip("no PostgreSQL with the pg_trgm extension on this machine (Debian: postgresql-15)")
+    with pg15.cluster(bindir, prefix="ops-medusa-pg-") as server:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute("CREATE ROLE medusa LOGIN PASSWORD 'medusa-e2e'")
+            conn.execute("CREATE DATABASE medusa OWNER medusa")
+        url_file = tmp_path / "database-url"
+        url_file.write_text(f"postgresql://medusa:medusa-e2e@127.0.0.1:{server.port}/medusa\n")
+        yield url_file
+
+
+def medusa_spec(app: Path, env: str, version: str, port: int, database_url_file: Path,
+                extra_env: dict | None = None) -> dict:
+    spec = yaml.safe_load((MEDUSA / "release.yaml").read_text())
+    cfg = spec["ops"]["verify_env"]["config"]
+    cfg.update(environment=env, version=version)
+    cfg["app"]["path"] = str(app)
+    cfg["app"]["database"]["url_from"] = f"file:{database_url_file}"
+    cfg["app"]["env"].update(extra_env or {})
+    cfg["target"]["port"] = port
+    return spec
+
+
+def get(port: int, path: str = "/health") -> tuple[int, str]:
+    try:
+        r = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=3, headers={"Connection": "close"})
+        return r.status_code, r.text
+    except httpx.HTTPError as exc:
+        return 0, type(exc).__name__
+
+
+def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_stack, environment_name, pm2_cleanup,
+                                                                       medusa_database, tmp_path):
+    env = environment_name
+    pm2_cleanup(env)
+    app = _STATE / "apps" / f"medusa-{tmp_path.name}"
+    # The release installs into the app folder: a copy, without a developer's node_modules (CI has none).
+    shutil.copytree(MEDUSA, app, ignore=shutil.ignore_patterns("node_modules"))
+    port = free_port()
+    timings = {}
+
+    t0 = time.monotonic()
+    run = dagster_stack.wait_run(dagster_stack.submit("release", medusa_spec(app, env, "1.20.10-a", port, medusa_database),
+                                                      tags={"ops/environment": env}), timeout_s=900)
+    timings["release v1"] = time.monotonic() - t0
+    assert run.status.value == "SUCCESS", dagster_stack.log_tail("daemon")
+    assert get(port) == (200, "OK")
+    status, body = get(port, "/store/regions")  # its API, from the migrated database
+    assert status == 200 and '"regions"' in body, (status, body[:300])
+
+    # TypeORM's own table, read right, in the external database the spec's file named.
+    with dagster_stack.instance() as inst:
+        released = history.load(inst, env).events[0]
+    url = medusa_database.read_text().strip()
+    with psycopg.connect(url) as c:
+        in_table = c.execute("SELECT count(*) FROM migrations").fetchone()[0]
+        trgm = c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'").fetchone()[0]
+    assert in_table == MIGRATIONS and trgm == 1
+    assert len(released.get("migrations") or []) == MIGRATIONS, released.get("migrations")
+
+    # v2: the same artifact with a regression preloaded from outside; it passes its gate.
+    broken = tmp_path / "v2-breaks"
+    t0 = time.monotonic()
+    run = dagster_stack.wait_run(dagster_stack.submit("release", medusa_spec(app, env, "1.20.10-b", port, medusa_database, {
+        "NODE_OPTIONS": f"--require {REGRESSION}", "REGRESSION_FILE": str(broken)}), tags={"ops/environment": env}),
+        timeout_s=600)
+    timings["release v2"] = time.monotonic() - t0
+    assert run.status.value == "SUCCESS", dagster_stack.log_tail("daemon")
+    assert get(port) == (200, "OK")
+
+    broken.touch()
+    assert get(port)[0] == 503
+    t0 = time.monotonic()
+    rb = wait_for(lambda: [r for r in rollbacks(dagster_stack, env) if r.is_finished], 240, "the rollback run to finish")
+    timings["first failing probe -> rollback finished"] = time.monotonic() - t0
+    assert len(rb) == 1 and rb[0].status.value == "SUCCESS", dagster_stack.log_tail("daemon")
+    assert rb[0].tags["dagster/sensor_name"] == "health_watch"
+    assert wait_for(lambda: all(get(port) == (200, "OK") for _ in range(6)), 30, "1.20.10-a serving")
+    with dagster_stack.instance() as inst:
+        hist = history.load(inst, env)
+    assert hist.serving_version == "1.20.10-a" and "1.20.10-b" in hist.bad_versions
+    print(", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
