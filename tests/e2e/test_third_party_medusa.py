@@ -6,7 +6,7 @@ unlike Unleash's: started by its own CLI in the project folder, one DATABASE_URL
 PostgreSQL, since its migrations need pg_trgm, which the embedded PostgreSQL 16 lacks; here a throwaway PostgreSQL
 15 cluster), its sessions in the embedded Redis, /health answering the text "OK", TypeORM migrations run by a
 separate command. The test changes only what any user's copy of the spec would: environment name, port, version,
-the file holding the database URL. The broken version is the same service with a regression injected from outside
+the file holding the database URL. A first attempt whose migrations fail stops before any deploy. The broken version is the same service with a regression injected from outside
 its code (a preloaded module that makes /health answer 503 once a file exists), released with the spec's
 `app.env`; the rollback brings back the good version's recorded spec, without that variable.
 """
@@ -15,6 +15,7 @@ import shutil
 import time
 from pathlib import Path
 
+import dagster as dg
 import httpx
 import psycopg
 import pytest
@@ -68,6 +69,13 @@ def get(port: int, path: str = "/health") -> tuple[int, str]:
         return 0, type(exc).__name__
 
 
+def steps(stack, run) -> dict[str, tuple[str, float]]:
+    """step -> (status, seconds) of a finished run, in the order they ran."""
+    with stack.instance() as inst:
+        stats = sorted(inst.get_run_step_stats(run.run_id), key=lambda s: s.start_time or 0)
+    return {s.step_key: (s.status.value if s.status else "?", (s.end_time or 0) - (s.start_time or 0)) for s in stats}
+
+
 def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_stack, environment_name, pm2_cleanup,
                                                                        medusa_database, tmp_path):
     env = environment_name
@@ -76,12 +84,36 @@ def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_st
     # The release installs into the app folder: a copy, without a developer's node_modules (CI has none).
     shutil.copytree(MEDUSA, app, ignore=shutil.ignore_patterns("node_modules"))
     port = free_port()
-    timings = {}
+    url = medusa_database.read_text().strip()
+    timings, step_times = {}, {}
 
-    t0 = time.monotonic()
-    run = dagster_stack.wait_run(dagster_stack.submit("release", medusa_spec(app, env, "1.20.10-a", port, medusa_database),
-                                                      tags={"ops/environment": env}), timeout_s=900)
-    timings["release v1"] = time.monotonic() - t0
+    def release(version: str, extra_env: dict | None = None, timeout_s: float = 600):
+        t0 = time.monotonic()
+        run = dagster_stack.wait_run(dagster_stack.submit(
+            "release", medusa_spec(app, env, version, port, medusa_database, extra_env), tags={"ops/environment": env}),
+            timeout_s=timeout_s)
+        timings[f"release {version}"] = time.monotonic() - t0
+        step_times[version] = steps(dagster_stack, run)
+        return run
+
+    # A first attempt whose migrations fail (a table named like one of Medusa's is in the way). `medusa migrations
+    # run` would exit 0 here; the spec's migrate command exits 1, so the release stops before any deploy.
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE TABLE store (id integer)")
+    run = release("1.20.10-0", timeout_s=900)  # installs and builds: the next releases reuse both
+    assert run.status.value == "FAILURE"
+    failed = [k for k, (status, _) in step_times["1.20.10-0"].items() if status != "SUCCESS"]
+    assert failed == ["migrate_database"], step_times["1.20.10-0"]
+    with dagster_stack.instance() as inst:
+        failure = inst.all_logs(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE)[0].dagster_event
+    message = failure.step_failure_data.error.message
+    assert "migration failed; nothing was deployed" in message and 'relation "store" already exists' in message, message
+    assert get(port)[0] != 200
+    with psycopg.connect(url, autocommit=True) as c:
+        assert c.execute("SELECT to_regclass('region')").fetchone()[0] is None  # its transaction was rolled back
+        c.execute("DROP TABLE store")
+
+    run = release("1.20.10-a")
     assert run.status.value == "SUCCESS", dagster_stack.log_tail("daemon")
     assert get(port) == (200, "OK")
     status, body = get(port, "/store/regions")  # its API, from the migrated database
@@ -90,7 +122,6 @@ def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_st
     # TypeORM's own table, read right, in the external database the spec's file named.
     with dagster_stack.instance() as inst:
         released = history.load(inst, env).events[0]
-    url = medusa_database.read_text().strip()
     with psycopg.connect(url) as c:
         in_table = c.execute("SELECT count(*) FROM migrations").fetchone()[0]
         trgm = c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'pg_trgm'").fetchone()[0]
@@ -99,11 +130,7 @@ def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_st
 
     # v2: the same artifact with a regression preloaded from outside; it passes its gate.
     broken = tmp_path / "v2-breaks"
-    t0 = time.monotonic()
-    run = dagster_stack.wait_run(dagster_stack.submit("release", medusa_spec(app, env, "1.20.10-b", port, medusa_database, {
-        "NODE_OPTIONS": f"--require {REGRESSION}", "REGRESSION_FILE": str(broken)}), tags={"ops/environment": env}),
-        timeout_s=600)
-    timings["release v2"] = time.monotonic() - t0
+    run = release("1.20.10-b", {"NODE_OPTIONS": f"--require {REGRESSION}", "REGRESSION_FILE": str(broken)})
     assert run.status.value == "SUCCESS", dagster_stack.log_tail("daemon")
     assert get(port) == (200, "OK")
 
@@ -113,9 +140,13 @@ def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_st
     rb = wait_for(lambda: [r for r in rollbacks(dagster_stack, env) if r.is_finished], 240, "the rollback run to finish")
     timings["first failing probe -> rollback finished"] = time.monotonic() - t0
     assert len(rb) == 1 and rb[0].status.value == "SUCCESS", dagster_stack.log_tail("daemon")
+    step_times["rollback"] = steps(dagster_stack, rb[0])
     assert rb[0].tags["dagster/sensor_name"] == "health_watch"
     assert wait_for(lambda: all(get(port) == (200, "OK") for _ in range(6)), 30, "1.20.10-a serving")
     with dagster_stack.instance() as inst:
         hist = history.load(inst, env)
     assert hist.serving_version == "1.20.10-a" and "1.20.10-b" in hist.bad_versions
-    print(", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
+    print("\n" + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
+    for run_name, times in step_times.items():
+        print(f"  {run_name}: " + ", ".join(f"{k} {s:.1f} s" + ("" if st == "SUCCESS" else f" ({st})")
+                                           for k, (st, s) in times.items()))
