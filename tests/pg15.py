@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import secrets
 import shutil
 import subprocess
@@ -43,7 +44,10 @@ def cluster(bindir: Path, prefix: str = "ops-pg-") -> Iterator[SimpleNamespace]:
     root.chmod(0o755)
     run_as: dict = {}
     if os.geteuid() == 0:
-        user = _ensure_system_user("opspg")
+        try:
+            user = _ensure_system_user("opspg")
+        except subprocess.CalledProcessError:  # another test process created it at the same moment
+            user = pwd.getpwnam("opspg")
         os.chown(root, user.pw_uid, user.pw_gid)
         run_as = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []}
     password = secrets.token_urlsafe(18)
