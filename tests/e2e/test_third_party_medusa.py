@@ -42,7 +42,7 @@ def medusa_database(tmp_path):
         pytest.skip("no PostgreSQL with the pg_trgm extension on this machine (Debian: postgresql-15)")
     with pg15.cluster(bindir, prefix="ops-medusa-pg-") as server:
         with psycopg.connect(server.url, autocommit=True) as conn:
-            conn.execute("CREATE ROLE medusa LOGIN PASSWORD 'medusa-e2e'")
+            conn.execute("CREATE ROLE medusa LOGIN CREATEDB PASSWORD 'medusa-e2e'")  # CREATEDB: restore drills
             conn.execute("CREATE DATABASE medusa OWNER medusa")
         url_file = tmp_path / "database-url"
         url_file.write_text(f"postgresql://medusa:medusa-e2e@127.0.0.1:{server.port}/medusa\n")
@@ -146,6 +146,19 @@ def test_medusa_released_by_spec_then_rolled_back_by_the_health_watch(dagster_st
     with dagster_stack.instance() as inst:
         hist = history.load(inst, env)
     assert hist.serving_version == "1.20.10-a" and "1.20.10-b" in hist.bad_versions
+
+    # The backups the releases took of the PostgreSQL 15 database (with the pipeline's pg_dump 16) restore: the
+    # weekly drill, on the database of the environment's recorded spec, restores the newest into a scratch database.
+    t0 = time.monotonic()
+    drill = dagster_stack.wait_run(dagster_stack.submit(
+        "restore_drill", {"ops": {"backup_target": {"config": {"environment": env}}}}), timeout_s=300)
+    timings["restore drill"] = time.monotonic() - t0
+    assert drill.status.value == "SUCCESS", dagster_stack.log_tail("daemon")
+    with dagster_stack.instance() as inst:
+        drilled = inst.all_logs(drill.run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION)[-1].asset_materialization
+    assert drilled.asset_key.path[0] == "restore_drills", drilled
+    facts = {k: v.value for k, v in drilled.metadata.items()}
+    assert facts["row_counts_match"] is True and facts["tables"] >= 90, facts  # Medusa's 100 tables
     print("\n" + ", ".join(f"{k}: {v:.1f} s" for k, v in timings.items()))
     for run_name, times in step_times.items():
         print(f"  {run_name}: " + ", ".join(f"{k} {s:.1f} s" + ("" if st == "SUCCESS" else f" ({st})")
