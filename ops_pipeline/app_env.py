@@ -165,11 +165,13 @@ def resolve_app_env(config: ReleaseConfig, local_stack: LocalStack | None, envir
 
     def connection(block: str, url_from: str, vars_: ConnectionVarsConfig, split) -> str | None:
         url, where = resolve_reference(url_from, environ)
-        if not url and embedded:
+        # A file the spec names is the environment's own database: missing, it is an error, never the embedded one.
+        if not url and embedded and not url_from.startswith("file:"):
             url = embedded_stack().database_url if block == "database" else embedded_stack().redis_url
             where = "embedded stack"
         if not url:
-            missing.append(f"app.{block}.url_from: {where} is not set")
+            missing.append(f"app.{block}.url_from: {where} " + ("is not set" if url_from.startswith("env:")
+                                                                 else "cannot be read or is empty"))
             return None
         try:
             parts = split(url)
@@ -203,7 +205,8 @@ def resolve_app_env(config: ReleaseConfig, local_stack: LocalStack | None, envir
         else:
             value, where = resolve_reference(ref, environ)
         if value is None:
-            missing.append(f"app.secrets.{name}: {where} is not set")
+            missing.append(f"app.secrets.{name}: {where} " + ("is not set" if ref.startswith("env:")
+                                                             else "cannot be read or is empty"))
         else:
             values[name], sources[name] = value, where
 

@@ -138,8 +138,8 @@ class DatabaseConfig(dg.Config):
     """The environment's PostgreSQL and how the app receives it."""
 
     url_from: str = Field("env:DATABASE_URL", description="Where the environment's PostgreSQL URL comes from: "
-                          "env:NAME (the Dagster process environment) or file:/path. Unset on a non-production "
-                          "environment with embedded_services: the embedded database below.")
+                          "env:NAME (the Dagster process environment) or file:/path. An unset env:NAME on a non-production "
+                          "environment with embedded_services means the embedded database below; a missing file is an error.")
     embedded_database: str = Field("app", description="Database name in the embedded PostgreSQL.")
     embedded_role: str = Field("app", description="Role owning it in the embedded PostgreSQL.")
     app_vars: DatabaseVarsConfig = Field(default_factory=DatabaseVarsConfig,
@@ -151,7 +151,7 @@ class RedisConfig(dg.Config):
 
     enabled: bool = Field(True, description="The app uses Redis (false: no Redis is provided or checked).")
     url_from: str = Field("env:REDIS_URL", description="Where the environment's Redis URL comes from: env:NAME or "
-                          "file:/path. Unset on a non-production environment with embedded_services: the embedded Redis.")
+                          "file:/path. An unset env:NAME with embedded_services means the embedded Redis; a missing file is an error.")
     embedded_db: int = Field(0, description="Database number in the embedded Redis.")
     app_vars: RedisVarsConfig = Field(default_factory=RedisVarsConfig,
                                       description="The app's variables for Redis (URL and/or parts).")
