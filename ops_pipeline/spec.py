@@ -19,8 +19,8 @@ from pydantic import Field
 
 from ops_pipeline import paths
 
-ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}\Z")
+ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 KNOWN_DEFAULT_SECRETS = [
     "dev-secret",
     "secret",
@@ -110,8 +110,8 @@ def commands_problems(app: "AppConfig", app_dir: Optional[Path]) -> list[str]:
     return problems
 
 
-SECRET_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|generate)$")
-VERSION_CHECK = re.compile(r"^(off|json:[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*|header:[A-Za-z0-9-]+)$")
+SECRET_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|generate)\Z")
+VERSION_CHECK = re.compile(r"^(off|json:[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*|header:[A-Za-z0-9-]+)\Z")
 
 
 class ConnectionVarsConfig(dg.Config):
@@ -362,7 +362,7 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
             problems.append(f"app.required_env: {name} is already set by {owners[name]}")
     for fname in ("embedded_database", "embedded_role"):
         value = getattr(app.database, fname)
-        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", value or ""):
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}\Z", value or ""):
             problems.append(f"app.database.{fname}: {value!r} must be a lower-case PostgreSQL name (letters, digits, _)")
     if not (0 <= app.redis.embedded_db <= 15):
         problems.append(f"app.redis.embedded_db: must be between 0 and 15 (got {app.redis.embedded_db})")
@@ -386,7 +386,7 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(
             f"environment: {cfg.environment!r} is not a valid environment name (lower-case letters, digits, '-'; starts with a letter)"
         )
-    if cfg.version and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$", cfg.version):
+    if cfg.version and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}\Z", cfg.version):
         problems.append(f"version: {cfg.version!r} may only contain letters, digits, '.', '_', '+', '-'")
     if cfg.production and cfg.embedded_services:
         problems.append("embedded_services: must be false in a production environment (it would release against a throw-away database)")
@@ -396,7 +396,7 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
 
     app = cfg.app
-    if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}$", app.name or ""):
+    if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}\Z", app.name or ""):
         problems.append(f"app.name: {app.name!r} must be lower-case letters, digits and '-'")
     if check_paths:
         app_dir = paths.resolve(app.path)
@@ -456,7 +456,7 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         k = t.kubernetes
         _check_url(k.api_server, "target.kubernetes.api_server", ("http", "https"), problems)
         for fname in ("namespace", "deployment", "container"):
-            if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", getattr(k, fname) or ""):
+            if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z", getattr(k, fname) or ""):
                 problems.append(f"target.kubernetes.{fname}: {getattr(k, fname)!r} is not a valid Kubernetes name")
         if not k.image_repository:
             problems.append("target.kubernetes.image_repository: required for the kubernetes target (the cluster pulls from it)")
