@@ -375,7 +375,7 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
     for name, value in app.instance_env.items():
         try:
             value.format(slot=0, port=0, instance_dir="")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # {slot.x}, {port[0]}
             problems.append(f"app.instance_env.{name}: unknown placeholder {exc} (use {{slot}}, {{port}}, {{instance_dir}})")
 
 
