@@ -7,6 +7,7 @@ spec (a run config file, see `presets/`), not code. `verify_env` validates the w
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -305,6 +306,11 @@ class SpecError(ValueError):
         super().__init__(f"invalid release spec ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n{lines}")
 
 
+def _bad_number(value: float, minimum: float, *, strict: bool = False) -> bool:
+    """Not a finite number, or below `minimum` (at or below it when `strict`): NaN and inf are refused too."""
+    return not math.isfinite(value) or value < minimum or (strict and value == minimum)
+
+
 def _check_url(value: str, field_name: str, schemes: tuple[str, ...], problems: list[str]) -> None:
     if not value:
         return
@@ -390,9 +396,9 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"version: {cfg.version!r} may only contain letters, digits, '.', '_', '+', '-'")
     if cfg.production and cfg.embedded_services:
         problems.append("embedded_services: must be false in a production environment (it would release against a throw-away database)")
-    if cfg.lock_wait_s < 0:
+    if _bad_number(cfg.lock_wait_s, 0):
         problems.append(f"lock_wait_s: must be >= 0 (got {cfg.lock_wait_s})")
-    if cfg.dependency_timeout_s <= 0:
+    if _bad_number(cfg.dependency_timeout_s, 0, strict=True):
         problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
 
     app = cfg.app
@@ -416,10 +422,13 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"app.health_path: must start with '/' (got {app.health_path!r})")
     if app.min_secret_length < 1:
         problems.append(f"app.min_secret_length: must be >= 1 (got {app.min_secret_length})")
-    if app.commands.timeout_s <= 0:
+    if _bad_number(app.commands.timeout_s, 0, strict=True):
         problems.append(f"app.commands.timeout_s: must be > 0 (got {app.commands.timeout_s})")
-    if app.migration_lock_timeout_s <= 0 or app.migration_statement_timeout_s <= 0:
-        problems.append("app.migration_lock_timeout_s / app.migration_statement_timeout_s: must be > 0")
+    for fname in ("migration_lock_timeout_s", "migration_statement_timeout_s"):
+        if _bad_number(getattr(app, fname), 0, strict=True):
+            problems.append(f"app.{fname}: must be > 0 (got {getattr(app, fname)})")
+    if _bad_number(app.shutdown_timeout_s, 0):
+        problems.append(f"app.shutdown_timeout_s: must be >= 0 (got {app.shutdown_timeout_s})")
     if not app.commands.migrate.strip():
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
     problems += commands_problems(app, paths.resolve(app.path) if check_paths else None)
@@ -437,18 +446,19 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     if t.kind == DeployTargetKind.pm2:
         if t.pm2.keep_releases < 2:
             problems.append(f"target.pm2.keep_releases: must be >= 2 to keep a rollback target (got {t.pm2.keep_releases})")
-        if t.pm2.kill_timeout_s <= app.shutdown_timeout_s:
+        if _bad_number(t.pm2.kill_timeout_s, 0, strict=True) or (
+                not _bad_number(app.shutdown_timeout_s, 0) and t.pm2.kill_timeout_s <= app.shutdown_timeout_s):
             problems.append(
                 f"target.pm2.kill_timeout_s: must exceed app.shutdown_timeout_s ({app.shutdown_timeout_s}) or in-flight requests are cut"
             )
-        if t.pm2.drain_s < 0:
+        if _bad_number(t.pm2.drain_s, 0):
             problems.append(f"target.pm2.drain_s: must be >= 0 (got {t.pm2.drain_s})")
-        if t.pm2.listen_timeout_s <= 0:
+        if _bad_number(t.pm2.listen_timeout_s, 0, strict=True):
             problems.append(f"target.pm2.listen_timeout_s: must be > 0 (got {t.pm2.listen_timeout_s})")
     if t.kind == DeployTargetKind.docker:
-        if t.docker.drain_s < 0:
+        if _bad_number(t.docker.drain_s, 0):
             problems.append(f"target.docker.drain_s: must be >= 0 (got {t.docker.drain_s})")
-        if t.docker.start_timeout_s < 0:
+        if _bad_number(t.docker.start_timeout_s, 0):
             problems.append(f"target.docker.start_timeout_s: must be >= 0, 0 for the gate's deadline (got {t.docker.start_timeout_s})")
         if not (1 <= t.docker.container_port <= 65535):
             problems.append(f"target.docker.container_port: must be between 1 and 65535 (got {t.docker.container_port})")
@@ -460,17 +470,19 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
                 problems.append(f"target.kubernetes.{fname}: {getattr(k, fname)!r} is not a valid Kubernetes name")
         if not k.image_repository:
             problems.append("target.kubernetes.image_repository: required for the kubernetes target (the cluster pulls from it)")
+        if _bad_number(k.progress_deadline_s, 0, strict=True):
+            problems.append(f"target.kubernetes.progress_deadline_s: must be > 0 (got {k.progress_deadline_s})")
 
     g = cfg.gate
-    if g.interval_s <= 0:
+    if _bad_number(g.interval_s, 0, strict=True):
         problems.append(f"gate.interval_s: must be > 0 (got {g.interval_s})")
-    if g.request_timeout_s <= 0:
+    if _bad_number(g.request_timeout_s, 0, strict=True):
         problems.append(f"gate.request_timeout_s: must be > 0 (got {g.request_timeout_s})")
     if g.required_successes < 1:
         problems.append(f"gate.required_successes: must be >= 1 (got {g.required_successes})")
-    if g.deadline_s <= 0:
+    if _bad_number(g.deadline_s, 0, strict=True):
         problems.append(f"gate.deadline_s: must be > 0 (got {g.deadline_s})")
-    elif g.required_successes >= 1 and g.interval_s > 0 and (g.required_successes - 1) * g.interval_s >= g.deadline_s:
+    elif g.required_successes >= 1 and not _bad_number(g.interval_s, 0, strict=True) and (g.required_successes - 1) * g.interval_s >= g.deadline_s:
         problems.append(
             f"gate.required_successes: {g.required_successes} probes {g.interval_s} s apart need "
             f"{(g.required_successes - 1) * g.interval_s:.1f} s, more than gate.deadline_s ({g.deadline_s} s)"
