@@ -410,9 +410,10 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
             problems.append(f"app.path: app folder {str(app_dir)!r} does not exist")
         elif not (app_dir / "package.json").is_file():
             problems.append(f"app.path: {str(app_dir)!r} has no package.json")
-    for name in [*app.required_env, *app.secret_env]:
-        if not ENV_VAR.match(name):
-            problems.append(f"app.required_env: {name!r} is not a valid environment variable name")
+    for fname in ("required_env", "secret_env"):
+        for name in getattr(app, fname):
+            if not ENV_VAR.match(name):
+                problems.append(f"app.{fname}: {name!r} is not a valid environment variable name")
     for fname in ("jwt_secret_env", "node_env_var", "version_env", "port_env", "instance_port_env"):
         value = getattr(app, fname)
         if value and not ENV_VAR.match(value):
