@@ -404,9 +404,15 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     app = cfg.app
     if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}\Z", app.name or ""):
         problems.append(f"app.name: {app.name!r} must be lower-case letters, digits and '-'")
+    app_dir = None
     if check_paths:
-        app_dir = paths.resolve(app.path)
-        if not app_dir.is_dir():
+        try:
+            app_dir = paths.resolve(app.path)
+        except ValueError:  # a NUL character or a lone surrogate
+            problems.append(f"app.path: {app.path!r} is not a usable path")
+        if app_dir is None:
+            pass
+        elif not app_dir.is_dir():
             problems.append(f"app.path: app folder {str(app_dir)!r} does not exist")
         elif not (app_dir / "package.json").is_file():
             problems.append(f"app.path: {str(app_dir)!r} has no package.json")
@@ -432,7 +438,7 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"app.shutdown_timeout_s: must be >= 0 (got {app.shutdown_timeout_s})")
     if not app.commands.migrate.strip():
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
-    problems += commands_problems(app, paths.resolve(app.path) if check_paths else None)
+    problems += commands_problems(app, app_dir)
 
     t = cfg.target
     if t.instances < 1:
