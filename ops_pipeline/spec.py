@@ -316,7 +316,8 @@ def _check_url(value: str, field_name: str, schemes: tuple[str, ...], problems: 
         return
     try:
         parts = urlsplit(value)
-        ok = parts.scheme in schemes and bool(parts.hostname)
+        # urlsplit drops tabs and newlines and keeps spaces: neither reaches an HTTP client intact
+        ok = parts.scheme in schemes and bool(parts.hostname) and not any(c.isspace() or not c.isprintable() for c in value)
         if ok:
             parts.port  # raises on a malformed port
     except ValueError:
@@ -425,8 +426,8 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         if value and not ENV_VAR.match(value):
             problems.append(f"app.{fname}: {value!r} is not a valid environment variable name")
     validate_app_environment(app, production=cfg.production, problems=problems)
-    if not app.health_path.startswith("/"):
-        problems.append(f"app.health_path: must start with '/' (got {app.health_path!r})")
+    if not app.health_path.startswith("/") or any(c.isspace() or not c.isprintable() for c in app.health_path):
+        problems.append(f"app.health_path: must start with '/' and hold no spaces or control characters (got {app.health_path!r})")
     if app.min_secret_length < 1:
         problems.append(f"app.min_secret_length: must be >= 1 (got {app.min_secret_length})")
     if _bad_number(app.commands.timeout_s, 0, strict=True):
@@ -447,7 +448,7 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"target.instances: at most 64 (got {t.instances})")
     if not (1 <= t.port <= 65535):
         problems.append(f"target.port: must be between 1 and 65535 (got {t.port})")
-    if not t.host or any(c in t.host for c in "/ :@"):
+    if not re.match(r"^[A-Za-z0-9._-]+\Z", t.host or ""):  # it goes into nginx's listen directive and URLs
         problems.append(f"target.host: {t.host!r} is not a host name or address")
     _check_url(t.public_url, "target.public_url", ("http", "https"), problems)
     if t.kind == DeployTargetKind.pm2:
