@@ -16,6 +16,7 @@ from ops_pipeline.resources.backup_store import BackupStore, StoreError
 from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
 from ops_pipeline.spec import (
     ENV_NAME,
+    ENV_VAR,
     AppConfig,
     DatabaseConfig,
     RedisConfig,
@@ -46,6 +47,10 @@ def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None 
     problems = []
     if config.trigger not in ("nightly", "manual"):
         problems.append(f"trigger: must be nightly or manual (got {config.trigger!r})")
+    url_env = config.database_url_env
+    if not ENV_VAR.match(url_env or ""):  # named here, not as the app.database.url_from it becomes
+        problems.append(f"database_url_env: {url_env!r} is not a valid environment variable name")
+        url_env = "DATABASE_URL"
     recorded = None
     if instance is not None and ENV_NAME.match(config.environment or ""):
         hist = history.load(instance, config.environment)
@@ -55,7 +60,7 @@ def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None 
         rc = rc.model_copy(update={"embedded_services": rc.embedded_services and config.embedded_services})
     else:
         app = AppConfig(migrations_table=config.migrations_table, required_env=[], secret_env=[], jwt_secret_env="",
-                        node_env_var="", database=DatabaseConfig(url_from=f"env:{config.database_url_env}"),
+                        node_env_var="", database=DatabaseConfig(url_from=f"env:{url_env}"),
                         redis=RedisConfig(enabled=False))
         rc = ReleaseConfig(environment=config.environment, production=config.production,
                            embedded_services=config.embedded_services and not config.production, app=app)
