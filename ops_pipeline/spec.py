@@ -364,6 +364,9 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
             problems.append(f"app.{block}.app_vars: name the app's variable for the URL (url) or its parts (host, port, ...)")
         if not SECRET_REF.match(conn.url_from or "") or conn.url_from == "generate":
             problems.append(f"app.{block}.url_from: {conn.url_from!r} must be env:NAME or file:/absolute/path")
+    for fname in ("port_env", "instance_port_env", "version_env"):  # set per instance by the target: never twice
+        if ENV_VAR.match(getattr(app, fname) or ""):
+            claim(getattr(app, fname), f"app.{fname}")
     for name in app.required_env:
         if name in owners:
             problems.append(f"app.required_env: {name} is already set by {owners[name]}")
