@@ -29,7 +29,7 @@ FAST = settings(max_examples=60, derandomize=True, deadline=None, print_blob=Tru
                 suppress_health_check=[HealthCheck.too_slow])
 # Ops with real resources and a per-test Dagster instance: few examples, the fixture is shared on purpose
 # (nothing may be written, which is what is checked after each example).
-OPS = settings(max_examples=12, derandomize=True, deadline=None, print_blob=True,
+OPS = settings(max_examples=8, derandomize=True, deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 # --- strategies of valid values, field by field -------------------------------------------------------------------
@@ -191,6 +191,8 @@ def _add_to(group: str, name: str, cfg: dict, value) -> None:
     app = cfg["app"]
     if group == "required_env":
         app["required_env"].append(name)
+    elif group in ("port_env", "version_env", "instance_port_env"):
+        app[group] = name
     elif group in ("env", "secrets", "instance_env"):
         app[group][name] = value
     else:  # database / redis app_vars: the name goes into its `tls` part
@@ -200,19 +202,19 @@ def _add_to(group: str, name: str, cfg: dict, value) -> None:
 
 def duplicate(first: str, second: str) -> Mutation:
     """The same variable name in two places: one problem, naming the second (or the first)."""
-    valid_value = {"env": "v", "secrets": "env:SRC_DUP", "instance_env": "{slot}", "required_env": None,
-                   "database": None, "redis": None}
-    path = {"database": "app.database.app_vars.tls", "redis": "app.redis.app_vars.tls", "required_env": "app.required_env"}
+    valid_value = {"env": "v", "secrets": "env:SRC_DUP", "instance_env": "{slot}"}
+    path = {"database": "app.database.app_vars.tls", "redis": "app.redis.app_vars.tls", "required_env": "app.required_env",
+            "port_env": "app.port_env", "version_env": "app.version_env", "instance_port_env": "app.instance_port_env"}
 
     def where(group: str, name: str) -> str:
         return path.get(group, f"app.{group}.{name}")
 
     def apply(cfg: dict, name: str) -> None:
-        _add_to(first, name, cfg, valid_value[first])
-        _add_to(second, name, cfg, valid_value[second])
+        _add_to(first, name, cfg, valid_value.get(first))
+        _add_to(second, name, cfg, valid_value.get(second))
 
     name = f"DUP_{first.upper()}_{second.upper()}"
-    return Mutation(where(second, name), st.just(name), apply, touches=(f"dup:{first}", f"dup:{second}"),
+    return Mutation(where(second, name), st.just(name), apply, touches=(f"dup:{first}", f"dup:{second}", where(first, name)),
                     also=(where(first, name),))
 
 
@@ -291,7 +293,9 @@ MUTATIONS: list[Mutation] = [
     add_value("instance_env", bad_placeholder),
     *[duplicate(a, b) for a, b in [("env", "secrets"), ("env", "instance_env"), ("secrets", "instance_env"),
                                    ("env", "database"), ("secrets", "redis"), ("database", "redis"),
-                                   ("env", "required_env"), ("instance_env", "required_env"), ("database", "required_env")]],
+                                   ("env", "required_env"), ("instance_env", "required_env"), ("database", "required_env"),
+                                   ("instance_env", "port_env"), ("env", "version_env"), ("secrets", "instance_port_env"),
+                                   ("port_env", "version_env")]],
     *[Mutation(f"app.database.app_vars.{p}", bad_var, setter(f"app.database.app_vars.{p}"))
       for p in ("url", "host", "port", "database", "user", "password", "tls")],
     Mutation("app.database.app_vars", st.just(None), _no_url_nor_host("database"), touches=("app.database.app_vars.url",
@@ -667,6 +671,14 @@ def test_plan_rollback_refuses_bad_or_unknown_environments_before_any_side_effec
     assert _world(services) == before
 
 
+def only_first_step_failed_naming(result, step: str, fields: list[str]) -> None:
+    failures = result.get_step_failure_events()
+    assert [e.step_key for e in failures] == [step]
+    message = failures[0].step_failure_data.error.message
+    listed = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    assert len(listed) == len(fields) and all(any(p.startswith(f + ":") for p in listed) for f in fields), listed
+
+
 BAD_BACKUP_FIELDS = {
     "environment": bad_env_name,
     "trigger": st.sampled_from(["", "hourly", "nightly\n", "Manual"]),
@@ -694,11 +706,7 @@ def test_backup_job_refuses_bad_targets_before_any_side_effect(services, instanc
     job = make_defs(backup_store=BackupStore(local_dir=str(store_dir))).get_job_def("backup")
     r = job.execute_in_process(run_config={"ops": ops}, instance=instance, raise_on_error=False)
     assert not r.success
-    failures = r.get_step_failure_events()
-    assert [e.step_key for e in failures] == ["backup_target"]
-    message = failures[0].step_failure_data.error.message
-    listed = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
-    assert len(listed) == len(fields) and all(any(p.startswith(f + ":") for p in listed) for f in fields), listed
+    only_first_step_failed_naming(r, "backup_target", fields)
     assert _world(services) == before and not any(store_dir.iterdir())
 
 
@@ -725,3 +733,36 @@ def test_bad_retention_is_refused_before_the_backup_is_taken(services, instance,
     assert [e.step_key for e in failures] == ["backup_target"]
     assert "prune_backups.floor: must be >= 1 (got 0)" in failures[0].step_failure_data.error.message
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*"))
+
+
+BAD_RESTORE_FIELDS = {"environment": bad_env_name, "database_url_env": bad_var}
+
+
+@settings(OPS, max_examples=4)
+@given(st.lists(st.sampled_from(sorted(BAD_RESTORE_FIELDS)), min_size=1, max_size=2, unique=True), st.booleans(), st.data())
+def test_restore_database_job_refuses_bad_targets_before_any_side_effect(services, instance, tmp_path_factory, fields,
+                                                                         switch_over, draw):
+    from ops_pipeline.resources.backup_store import BackupStore
+    from tests.conftest import make_defs
+
+    store_dir = tmp_path_factory.mktemp("store")
+    config = {f: draw.draw(BAD_RESTORE_FIELDS[f], label=f) for f in fields}
+    config.update(switch_over=switch_over, confirm_database="app" if switch_over else "")
+    before = _world(services)
+    job = make_defs(backup_store=BackupStore(local_dir=str(store_dir))).get_job_def("restore_database")
+    r = job.execute_in_process(run_config={"ops": {"restore_into_new_database": {"config": config}}}, instance=instance,
+                               raise_on_error=False)
+    only_first_step_failed_naming(r, "restore_into_new_database", fields)
+    assert _world(services) == before and not any(store_dir.iterdir())
+
+
+@pytest.mark.parametrize("field, data", [
+    ("app.port_env", {"app": {"instance_env": {"PORT": "{slot}"}}}),
+    ("app.version_env", {"app": {"env": {"APP_VERSION": "1"}}}),
+    ("app.instance_port_env", {"app": {"instance_port_env": "PORT"}}),
+])
+def test_a_variable_the_target_sets_per_instance_is_not_set_twice(field, data):
+    """Bug (missing check): app.instance_env {'PORT': '{slot}'} silently replaced the instance's port (and app.env
+    APP_VERSION the release version) in the process definition; the instances never answered on their port."""
+    found = problems_of(data)
+    assert len(found) == 1 and found[0].startswith(field + ":") and "already set" in found[0], found
