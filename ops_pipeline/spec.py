@@ -7,6 +7,7 @@ spec (a run config file, see `presets/`), not code. `verify_env` validates the w
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,8 +20,8 @@ from pydantic import Field
 
 from ops_pipeline import paths
 
-ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}$")
-ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+ENV_NAME = re.compile(r"^[a-z][a-z0-9-]{0,39}\Z")
+ENV_VAR = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
 KNOWN_DEFAULT_SECRETS = [
     "dev-secret",
     "secret",
@@ -110,8 +111,8 @@ def commands_problems(app: "AppConfig", app_dir: Optional[Path]) -> list[str]:
     return problems
 
 
-SECRET_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|generate)$")
-VERSION_CHECK = re.compile(r"^(off|json:[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*|header:[A-Za-z0-9-]+)$")
+SECRET_REF = re.compile(r"^(env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|generate)\Z")
+VERSION_CHECK = re.compile(r"^(off|json:[A-Za-z0-9_$-]+(\.[A-Za-z0-9_$-]+)*|header:[A-Za-z0-9-]+)\Z")
 
 
 class ConnectionVarsConfig(dg.Config):
@@ -305,12 +306,18 @@ class SpecError(ValueError):
         super().__init__(f"invalid release spec ({len(problems)} problem{'s' if len(problems) != 1 else ''}):\n{lines}")
 
 
+def _bad_number(value: float, minimum: float, *, strict: bool = False) -> bool:
+    """Not a finite number, or below `minimum` (at or below it when `strict`): NaN and inf are refused too."""
+    return not math.isfinite(value) or value < minimum or (strict and value == minimum)
+
+
 def _check_url(value: str, field_name: str, schemes: tuple[str, ...], problems: list[str]) -> None:
     if not value:
         return
     try:
         parts = urlsplit(value)
-        ok = parts.scheme in schemes and bool(parts.hostname)
+        # urlsplit drops tabs and newlines and keeps spaces: neither reaches an HTTP client intact
+        ok = parts.scheme in schemes and bool(parts.hostname) and not any(c.isspace() or not c.isprintable() for c in value)
         if ok:
             parts.port  # raises on a malformed port
     except ValueError:
@@ -357,12 +364,15 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
             problems.append(f"app.{block}.app_vars: name the app's variable for the URL (url) or its parts (host, port, ...)")
         if not SECRET_REF.match(conn.url_from or "") or conn.url_from == "generate":
             problems.append(f"app.{block}.url_from: {conn.url_from!r} must be env:NAME or file:/absolute/path")
+    for fname in ("port_env", "instance_port_env", "version_env"):  # set per instance by the target: never twice
+        if ENV_VAR.match(getattr(app, fname) or ""):
+            claim(getattr(app, fname), f"app.{fname}")
     for name in app.required_env:
         if name in owners:
             problems.append(f"app.required_env: {name} is already set by {owners[name]}")
     for fname in ("embedded_database", "embedded_role"):
         value = getattr(app.database, fname)
-        if not re.match(r"^[a-z_][a-z0-9_]{0,62}$", value or ""):
+        if not re.match(r"^[a-z_][a-z0-9_]{0,62}\Z", value or ""):
             problems.append(f"app.database.{fname}: {value!r} must be a lower-case PostgreSQL name (letters, digits, _)")
     if not (0 <= app.redis.embedded_db <= 15):
         problems.append(f"app.redis.embedded_db: must be between 0 and 15 (got {app.redis.embedded_db})")
@@ -375,7 +385,7 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
     for name, value in app.instance_env.items():
         try:
             value.format(slot=0, port=0, instance_dir="")
-        except (KeyError, IndexError, ValueError) as exc:
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:  # {slot.x}, {port[0]}
             problems.append(f"app.instance_env.{name}: unknown placeholder {exc} (use {{slot}}, {{port}}, {{instance_dir}})")
 
 
@@ -386,43 +396,53 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(
             f"environment: {cfg.environment!r} is not a valid environment name (lower-case letters, digits, '-'; starts with a letter)"
         )
-    if cfg.version and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}$", cfg.version):
+    if cfg.version and not re.match(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,99}\Z", cfg.version):
         problems.append(f"version: {cfg.version!r} may only contain letters, digits, '.', '_', '+', '-'")
     if cfg.production and cfg.embedded_services:
         problems.append("embedded_services: must be false in a production environment (it would release against a throw-away database)")
-    if cfg.lock_wait_s < 0:
+    if _bad_number(cfg.lock_wait_s, 0):
         problems.append(f"lock_wait_s: must be >= 0 (got {cfg.lock_wait_s})")
-    if cfg.dependency_timeout_s <= 0:
+    if _bad_number(cfg.dependency_timeout_s, 0, strict=True):
         problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
 
     app = cfg.app
-    if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}$", app.name or ""):
+    if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}\Z", app.name or ""):
         problems.append(f"app.name: {app.name!r} must be lower-case letters, digits and '-'")
+    app_dir = None
     if check_paths:
-        app_dir = paths.resolve(app.path)
-        if not app_dir.is_dir():
+        try:
+            app_dir = paths.resolve(app.path)
+        except ValueError:  # a NUL character or a lone surrogate
+            problems.append(f"app.path: {app.path!r} is not a usable path")
+        if app_dir is None:
+            pass
+        elif not app_dir.is_dir():
             problems.append(f"app.path: app folder {str(app_dir)!r} does not exist")
         elif not (app_dir / "package.json").is_file():
             problems.append(f"app.path: {str(app_dir)!r} has no package.json")
-    for name in [*app.required_env, *app.secret_env]:
-        if not ENV_VAR.match(name):
-            problems.append(f"app.required_env: {name!r} is not a valid environment variable name")
+    for fname in ("required_env", "secret_env"):
+        for name in getattr(app, fname):
+            if not ENV_VAR.match(name):
+                problems.append(f"app.{fname}: {name!r} is not a valid environment variable name")
     for fname in ("jwt_secret_env", "node_env_var", "version_env", "port_env", "instance_port_env"):
         value = getattr(app, fname)
         if value and not ENV_VAR.match(value):
             problems.append(f"app.{fname}: {value!r} is not a valid environment variable name")
     validate_app_environment(app, production=cfg.production, problems=problems)
-    if not app.health_path.startswith("/"):
-        problems.append(f"app.health_path: must start with '/' (got {app.health_path!r})")
+    if not app.health_path.startswith("/") or any(c.isspace() or not c.isprintable() for c in app.health_path):
+        problems.append(f"app.health_path: must start with '/' and hold no spaces or control characters (got {app.health_path!r})")
     if app.min_secret_length < 1:
         problems.append(f"app.min_secret_length: must be >= 1 (got {app.min_secret_length})")
-    if app.commands.timeout_s <= 0:
+    if _bad_number(app.commands.timeout_s, 0, strict=True):
         problems.append(f"app.commands.timeout_s: must be > 0 (got {app.commands.timeout_s})")
-    if app.migration_lock_timeout_s <= 0 or app.migration_statement_timeout_s <= 0:
-        problems.append("app.migration_lock_timeout_s / app.migration_statement_timeout_s: must be > 0")
+    for fname in ("migration_lock_timeout_s", "migration_statement_timeout_s"):
+        if _bad_number(getattr(app, fname), 0, strict=True):
+            problems.append(f"app.{fname}: must be > 0 (got {getattr(app, fname)})")
+    if _bad_number(app.shutdown_timeout_s, 0):
+        problems.append(f"app.shutdown_timeout_s: must be >= 0 (got {app.shutdown_timeout_s})")
     if not app.commands.migrate.strip():
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
-    problems += commands_problems(app, paths.resolve(app.path) if check_paths else None)
+    problems += commands_problems(app, app_dir)
 
     t = cfg.target
     if t.instances < 1:
@@ -431,24 +451,25 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"target.instances: at most 64 (got {t.instances})")
     if not (1 <= t.port <= 65535):
         problems.append(f"target.port: must be between 1 and 65535 (got {t.port})")
-    if not t.host or any(c in t.host for c in "/ :@"):
+    if not re.match(r"^[A-Za-z0-9._-]+\Z", t.host or ""):  # it goes into nginx's listen directive and URLs
         problems.append(f"target.host: {t.host!r} is not a host name or address")
     _check_url(t.public_url, "target.public_url", ("http", "https"), problems)
     if t.kind == DeployTargetKind.pm2:
         if t.pm2.keep_releases < 2:
             problems.append(f"target.pm2.keep_releases: must be >= 2 to keep a rollback target (got {t.pm2.keep_releases})")
-        if t.pm2.kill_timeout_s <= app.shutdown_timeout_s:
+        if _bad_number(t.pm2.kill_timeout_s, 0, strict=True) or (
+                not _bad_number(app.shutdown_timeout_s, 0) and t.pm2.kill_timeout_s <= app.shutdown_timeout_s):
             problems.append(
                 f"target.pm2.kill_timeout_s: must exceed app.shutdown_timeout_s ({app.shutdown_timeout_s}) or in-flight requests are cut"
             )
-        if t.pm2.drain_s < 0:
+        if _bad_number(t.pm2.drain_s, 0):
             problems.append(f"target.pm2.drain_s: must be >= 0 (got {t.pm2.drain_s})")
-        if t.pm2.listen_timeout_s <= 0:
+        if _bad_number(t.pm2.listen_timeout_s, 0, strict=True):
             problems.append(f"target.pm2.listen_timeout_s: must be > 0 (got {t.pm2.listen_timeout_s})")
     if t.kind == DeployTargetKind.docker:
-        if t.docker.drain_s < 0:
+        if _bad_number(t.docker.drain_s, 0):
             problems.append(f"target.docker.drain_s: must be >= 0 (got {t.docker.drain_s})")
-        if t.docker.start_timeout_s < 0:
+        if _bad_number(t.docker.start_timeout_s, 0):
             problems.append(f"target.docker.start_timeout_s: must be >= 0, 0 for the gate's deadline (got {t.docker.start_timeout_s})")
         if not (1 <= t.docker.container_port <= 65535):
             problems.append(f"target.docker.container_port: must be between 1 and 65535 (got {t.docker.container_port})")
@@ -456,21 +477,23 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         k = t.kubernetes
         _check_url(k.api_server, "target.kubernetes.api_server", ("http", "https"), problems)
         for fname in ("namespace", "deployment", "container"):
-            if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", getattr(k, fname) or ""):
+            if not re.match(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z", getattr(k, fname) or ""):
                 problems.append(f"target.kubernetes.{fname}: {getattr(k, fname)!r} is not a valid Kubernetes name")
         if not k.image_repository:
             problems.append("target.kubernetes.image_repository: required for the kubernetes target (the cluster pulls from it)")
+        if _bad_number(k.progress_deadline_s, 0, strict=True):
+            problems.append(f"target.kubernetes.progress_deadline_s: must be > 0 (got {k.progress_deadline_s})")
 
     g = cfg.gate
-    if g.interval_s <= 0:
+    if _bad_number(g.interval_s, 0, strict=True):
         problems.append(f"gate.interval_s: must be > 0 (got {g.interval_s})")
-    if g.request_timeout_s <= 0:
+    if _bad_number(g.request_timeout_s, 0, strict=True):
         problems.append(f"gate.request_timeout_s: must be > 0 (got {g.request_timeout_s})")
     if g.required_successes < 1:
         problems.append(f"gate.required_successes: must be >= 1 (got {g.required_successes})")
-    if g.deadline_s <= 0:
+    if _bad_number(g.deadline_s, 0, strict=True):
         problems.append(f"gate.deadline_s: must be > 0 (got {g.deadline_s})")
-    elif g.required_successes >= 1 and g.interval_s > 0 and (g.required_successes - 1) * g.interval_s >= g.deadline_s:
+    elif g.required_successes >= 1 and not _bad_number(g.interval_s, 0, strict=True) and (g.required_successes - 1) * g.interval_s >= g.deadline_s:
         problems.append(
             f"gate.required_successes: {g.required_successes} probes {g.interval_s} s apart need "
             f"{(g.required_successes - 1) * g.interval_s:.1f} s, more than gate.deadline_s ({g.deadline_s} s)"

@@ -16,6 +16,7 @@ from ops_pipeline.resources.backup_store import BackupStore, StoreError
 from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
 from ops_pipeline.spec import (
     ENV_NAME,
+    ENV_VAR,
     AppConfig,
     DatabaseConfig,
     RedisConfig,
@@ -39,13 +40,18 @@ class BackupTargetConfig(dg.Config):
     trigger: str = Field("manual", description="Why this backup is taken: nightly | manual.")
 
 
-def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None = None) -> ReleaseSpec:
+def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None = None, *,
+                also: list[str] = ()) -> ReleaseSpec:
     """The environment's database settings: those of its newest recorded release (database source, embedded database
     and role, migrations table), so a backup, drill or restore works on exactly what the release used; an environment
-    never released yet is described by this config alone."""
-    problems = []
+    never released yet is described by this config alone. `also`: problems of the run's other ops' config."""
+    problems = list(also)
     if config.trigger not in ("nightly", "manual"):
         problems.append(f"trigger: must be nightly or manual (got {config.trigger!r})")
+    url_env = config.database_url_env
+    if not ENV_VAR.match(url_env or ""):  # named here, not as the app.database.url_from it becomes
+        problems.append(f"database_url_env: {url_env!r} is not a valid environment variable name")
+        url_env = "DATABASE_URL"
     recorded = None
     if instance is not None and ENV_NAME.match(config.environment or ""):
         hist = history.load(instance, config.environment)
@@ -55,7 +61,7 @@ def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None 
         rc = rc.model_copy(update={"embedded_services": rc.embedded_services and config.embedded_services})
     else:
         app = AppConfig(migrations_table=config.migrations_table, required_env=[], secret_env=[], jwt_secret_env="",
-                        node_env_var="", database=DatabaseConfig(url_from=f"env:{config.database_url_env}"),
+                        node_env_var="", database=DatabaseConfig(url_from=f"env:{url_env}"),
                         redis=RedisConfig(enabled=False))
         rc = ReleaseConfig(environment=config.environment, production=config.production,
                            embedded_services=config.embedded_services and not config.production, app=app)
@@ -69,7 +75,10 @@ def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None 
                    "recorded release (validated, no side effects).",
        tags={"stage": "backup"})
 def backup_target(context: dg.OpExecutionContext, config: BackupTargetConfig) -> ReleaseSpec:
-    return target_spec(config, context.instance)
+    # The backup job's retention settings are checked here, before the backup, not after it in prune_backups.
+    prune = ((context.run_config or {}).get("ops") or {}).get("prune_backups") or {}
+    also = [f"prune_backups.{p}" for p in retention_problems(RetentionConfig(**(prune.get("config") or {})))] if prune else []
+    return target_spec(config, context.instance, also=also)
 
 
 def database_url(spec: ReleaseSpec, local_stack: LocalStack):
@@ -182,6 +191,12 @@ class RetentionConfig(dg.Config):
     dry_run: bool = Field(False, description="Only list what would be deleted.")
 
 
+def retention_problems(config: "RetentionConfig") -> list[str]:
+    return [f"{k}: must be >= {lo} (got {getattr(config, k)})"
+            for k, lo in (("daily", 0), ("weekly", 0), ("monthly", 0), ("floor", 1), ("keep_pre_release", 0))
+            if getattr(config, k) < lo]
+
+
 @dg.op(
     description=(
         "Prunes old backups after a new one was verified (it takes the new manifest as input, so it never runs after "
@@ -191,9 +206,7 @@ class RetentionConfig(dg.Config):
     tags={"stage": "backup"},
 )
 def prune_backups(context: dg.OpExecutionContext, config: RetentionConfig, manifest: dict, backup_store: BackupStore) -> dict:
-    problems = [f"{k}: must be >= {lo} (got {getattr(config, k)})"
-                for k, lo in (("daily", 0), ("weekly", 0), ("monthly", 0), ("floor", 1), ("keep_pre_release", 0))
-                if getattr(config, k) < lo]
+    problems = retention_problems(config)
     if problems:
         raise dg.Failure(description=str(SpecError(problems)), allow_retries=False)
     if not manifest.get("verified"):
