@@ -293,7 +293,7 @@ def commands_problems(commands, app_dir: Path | None) -> list[str]:
                         f"{', '.join(PACKAGE_MANAGERS)} (empty: from the lock file)")
     seen: set[str] = set()
     for i, s in enumerate(commands.steps):
-        if not STEP_NAME.match(s.name or ""):
+        if not STEP_NAME.fullmatch(s.name or ""):
             problems.append(f"app.commands.steps[{i}].name: {s.name!r} must be lower-case letters, digits, '_', ':', '-'")
         elif s.name in seen:
             problems.append(f"app.commands.steps[{i}].name: {s.name!r} appears twice")
@@ -301,7 +301,7 @@ def commands_problems(commands, app_dir: Path | None) -> list[str]:
         if s.junit and (s.junit.startswith("/") or ".." in Path(s.junit).parts):
             problems.append(f"app.commands.steps[{i}].junit: {s.junit!r} must be a relative path inside the app folder")
     for name in commands.allow_scripts:
-        if not NPM_PACKAGE.match(name or ""):
+        if not NPM_PACKAGE.fullmatch(name or ""):
             problems.append(f"app.commands.allow_scripts: {name!r} is not a package name (name or name@exact-version)")
     if app_dir is None or not (app_dir / "package.json").is_file():
         return problems
