@@ -21,6 +21,7 @@ import dagster as dg
 
 from ops_pipeline import paths
 from ops_pipeline.commands import Command, CommandError, run
+from ops_pipeline.ops import failure
 from ops_pipeline.ops.tests import command_env, package_manager
 from ops_pipeline.packagers import (
     LOCK_FILES,
@@ -165,8 +166,8 @@ def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Ar
         missing = [p for p in app.bundle_paths if not (app_dir / p).exists()]
         required_missing = [p for p in missing if p not in OPTIONAL_BUNDLE_PATHS]
         if required_missing:
-            raise dg.Failure(description=f"app.bundle_paths: missing in {app_dir}: {', '.join(required_missing)} "
-                             "(did the build command produce them?)", allow_retries=False)
+            raise failure(f"app.bundle_paths: missing in {app_dir}: {', '.join(required_missing)} "
+                             "(did the build command produce them?)")
         entries = bundle_entries(app_dir, list(app.bundle_paths), pm)
         for rel in entries:
             if (app_dir / rel).exists() or (app_dir / rel).is_symlink():
@@ -196,7 +197,7 @@ def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Ar
                                                                      "created_at": time.time()}, indent=2))
         return artifact
     except CommandError as exc:
-        raise dg.Failure(description=f"building the release bundle failed: {exc}", allow_retries=False) from None
+        raise failure(f"building the release bundle failed: {exc}") from None
     finally:
         if staging.exists():
             _force_rmtree(staging)
@@ -226,7 +227,7 @@ def build_image(context: dg.OpExecutionContext, spec: ReleaseSpec, docker_engine
         try:
             artifact = docker_engine.build_release_image(spec, context.log.info)
         except ImageBuildError as exc:
-            raise dg.Failure(description=str(exc), allow_retries=False) from None
+            raise failure(str(exc)) from None
     md = {
         "artifact": artifact.id,
         "kind": artifact.kind,

@@ -12,6 +12,7 @@ from pydantic import Field
 from ops_pipeline import backups, history
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.ops import failure
 from ops_pipeline.resources.backup_store import BackupStore, StoreError
 from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
 from ops_pipeline.spec import (
@@ -67,7 +68,7 @@ def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None 
                            embedded_services=config.embedded_services and not config.production, app=app)
     problems += [p for p in validate_release_config(rc, check_paths=False)]
     if problems:
-        raise dg.Failure(description=str(SpecError(problems)), allow_retries=False)
+        raise failure(str(SpecError(problems)))
     return ReleaseSpec(config=rc, version="", app_dir="", extra={"trigger": config.trigger})
 
 
@@ -84,8 +85,7 @@ def backup_target(context: dg.OpExecutionContext, config: BackupTargetConfig) ->
 def database_url(spec: ReleaseSpec, local_stack: LocalStack):
     env = resolve_app_env(spec.config, local_stack)
     if not env.database_url:
-        raise dg.Failure(description=f"no database for environment '{spec.environment}': {'; '.join(env.missing)}",
-                         allow_retries=False)
+        raise failure(f"no database for environment '{spec.environment}': {'; '.join(env.missing)}")
     return env.database_url, env
 
 
@@ -142,8 +142,8 @@ def backup_database(
         if known is not None:
             raise known from None
         # a bug: fails the same way every time, so not retried; its traceback stays attached
-        raise dg.Failure(description=f"backup failed, nothing was registered (not retried): {type(exc).__name__}: "
-                                     f"{env.redactor(str(exc))[:500]}", allow_retries=False) from exc
+        raise failure(f"backup failed, nothing was registered (not retried): {type(exc).__name__}: "
+                                     f"{env.redactor(str(exc))[:500]}") from exc
     context.log_event(backup_materialization(manifest, backup_store))
     context.add_output_metadata({
         "backup_id": manifest["id"],
@@ -162,13 +162,13 @@ def backup_failure(exc: Exception, redact) -> dg.Failure | None:
     timeout, a store error that is not a full or read-only store. A BackupError or any other answer of PostgreSQL
     (a missing column, a permission, an aborted transaction) fails the same way every time: at once, with its cause."""
     if isinstance(exc, backups.BackupError):
-        return dg.Failure(description=f"backup failed, nothing was registered: {redact(str(exc))}", allow_retries=False)
+        return failure(f"backup failed, nothing was registered: {redact(str(exc))}")
     if isinstance(exc, (DatabaseError, psycopg.OperationalError)):
         return dg.Failure(description=f"database error (will retry), nothing was registered: {type(exc).__name__}: "
                                       f"{redact(str(exc))[:500]}", allow_retries=True)
     if isinstance(exc, psycopg.Error):
-        return dg.Failure(description=f"backup failed, nothing was registered (not retried: PostgreSQL answered "
-                                      f"{type(exc).__name__}): {redact(str(exc))[:500]}", allow_retries=False)
+        return failure(f"backup failed, nothing was registered (not retried: PostgreSQL answered "
+                                      f"{type(exc).__name__}): {redact(str(exc))[:500]}")
     if isinstance(exc, OSError):
         # A full or read-only store does not heal by retrying: fail now, nothing partial was kept.
         permanent = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
@@ -208,9 +208,9 @@ def retention_problems(config: "RetentionConfig") -> list[str]:
 def prune_backups(context: dg.OpExecutionContext, config: RetentionConfig, manifest: dict, backup_store: BackupStore) -> dict:
     problems = retention_problems(config)
     if problems:
-        raise dg.Failure(description=str(SpecError(problems)), allow_retries=False)
+        raise failure(str(SpecError(problems)))
     if not manifest.get("verified"):
-        raise dg.Failure(description="refusing to prune: the new backup is not verified", allow_retries=False)
+        raise failure("refusing to prune: the new backup is not verified")
     scope = manifest["scope"]
     policy = backups.RetentionPolicy(config.daily, config.weekly, config.monthly, config.floor, config.keep_pre_release)
     manifests = backup_store.manifests(scope)
@@ -259,7 +259,7 @@ def drill_newest_backup(context: dg.OpExecutionContext, config: DrillConfig, spe
     try:
         manifest = backups.find_backup(backup_store, scope, config.backup_id)
     except backups.BackupError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise failure(str(exc)) from None
     scratch = f"{info.database[:30]}_drill_{datetime.now(UTC):%Y%m%d%H%M%S}_{uuid.uuid4().hex[:4]}"
     admin_url = _admin_url(spec, local_stack, url)
     result: dict = {"backup_id": manifest["id"], "scratch_database": scratch}
@@ -268,17 +268,17 @@ def drill_newest_backup(context: dg.OpExecutionContext, config: DrillConfig, spe
             timing = backups.restore_into(postgres, backup_store, manifest, url, scratch, jobs=config.jobs,
                                           log=context.log.info, redactor=env.redactor)
         except (backups.BackupError, DatabaseError, psycopg.Error, StoreError) as exc:
-            raise dg.Failure(description=f"restore drill FAILED for backup {manifest['id']}: {env.redactor(str(exc))}",
-                             metadata={"backup_id": manifest["id"]}, allow_retries=False) from None
+            raise failure(f"restore drill FAILED for backup {manifest['id']}: {env.redactor(str(exc))}",
+                             metadata={"backup_id": manifest["id"]}) from None
         counts = postgres.table_row_counts(url, scratch)
         mismatches = backups.compare_counts(manifest["table_counts"], counts)
         check = backups.amcheck(postgres, admin_url, scratch, context.log.info)
         result.update({"timing": timing, "tables": len(counts), "rows": sum(counts.values()), "count_mismatches": mismatches,
                        "amcheck": check})
         if mismatches or (check.get("ran") and not check.get("ok")):
-            raise dg.Failure(description=f"restore drill FAILED for backup {manifest['id']}: "
+            raise failure(f"restore drill FAILED for backup {manifest['id']}: "
                              + "; ".join(mismatches + ([f"pg_amcheck: {check.get('output', '')[:300]}"] if check.get("ran") and not check.get("ok") else [])),
-                             metadata={"result": dg.MetadataValue.json(result)}, allow_retries=False)
+                             metadata={"result": dg.MetadataValue.json(result)})
     finally:
         if not config.keep_scratch_database:
             try:
@@ -353,13 +353,13 @@ def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreCon
     info = ConnInfo.parse(url)
     live = info.database
     if config.switch_over and config.confirm_database != live:
-        raise dg.Failure(description=f"switch_over requires confirm_database: {live!r} (got {config.confirm_database!r}); "
-                         "nothing was touched", allow_retries=False)
+        raise failure(f"switch_over requires confirm_database: {live!r} (got {config.confirm_database!r}); "
+                         "nothing was touched")
     scope = backups.store_scope(spec.environment, live)
     try:
         manifest = backups.find_backup(backup_store, scope, config.backup_id)
     except backups.BackupError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise failure(str(exc)) from None
     window = backups.data_loss_window(manifest)
     context.log.warning(f"backup {manifest['id']} was taken {manifest['finished']}: writes of the last {window} "
                         f"(since then) are NOT in it")
@@ -371,8 +371,7 @@ def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreCon
     mismatches = backups.compare_counts(manifest["table_counts"], counts)
     if mismatches:
         backups.drop_database(postgres, url, restored)
-        raise dg.Failure(description=f"restored database failed verification, dropped it: {'; '.join(mismatches)}",
-                         allow_retries=False)
+        raise failure(f"restored database failed verification, dropped it: {'; '.join(mismatches)}")
     result = {"backup_id": manifest["id"], "restored_database": restored, "data_loss_window_s": round(window.total_seconds()),
               "timing": timing, "switched": False}
     if config.switch_over:
@@ -386,9 +385,8 @@ def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreCon
         try:
             backups.switch_databases(postgres, url, live=live, restored=restored, aside=aside)
         except DatabaseError as exc:
-            raise dg.Failure(description=f"{env.redactor(str(exc))} (safety backup {safety['id']} was taken)",
-                             metadata={"restored_database": restored, "safety_backup_id": safety["id"]},
-                             allow_retries=False) from None
+            raise failure(f"{env.redactor(str(exc))} (safety backup {safety['id']} was taken)",
+                             metadata={"restored_database": restored, "safety_backup_id": safety["id"]}) from None
         result.update({"switched": True, "safety_backup_id": safety["id"], "previous_database": aside})
         context.log.warning(f"switched: {restored} is now {live}; the previous database is kept as {aside}")
     else:

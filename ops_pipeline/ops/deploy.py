@@ -5,6 +5,7 @@ import dagster as dg
 from ops_pipeline import history
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.ops import failure
 from ops_pipeline.ops.migrate import MigrationResult, take_environment_lock
 from ops_pipeline.resources.postgres import PostgresResource
 from ops_pipeline.resources.targets import DeployTargets
@@ -50,8 +51,7 @@ def rolling_deploy(
             reason=env.redactor(str(exc))[:2000], serving_after=sorted({i.version for i in exc.serving}),
             rollout=exc.report.to_json(), artifact=artifact.to_json(),
         ))
-        raise dg.Failure(description=env.redactor(str(exc)), metadata=rollout_metadata(exc.report, target),
-                         allow_retries=False) from None
+        raise failure(env.redactor(str(exc)), metadata=rollout_metadata(exc.report, target)) from None
     context.add_output_metadata({**rollout_metadata(report, target), "deployed_url": dg.MetadataValue.url(spec.public_url)})
     return {
         "version": spec.version,

@@ -7,6 +7,7 @@ import dagster as dg
 from ops_pipeline import history
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.ops import failure
 from ops_pipeline.resources.health import HttpProber, Probe, percentile
 from ops_pipeline.resources.targets import DeployTargets
 from ops_pipeline.spec import ReleaseSpec
@@ -78,12 +79,10 @@ def health_gate(
             reason="health gate failed", gate=evidence, artifact=deployment["artifact"], migrations=deployment["migrations"],
             backup_id=deployment["backup_id"],
         ))
-        raise dg.Failure(
-            description=(f"health gate failed: no {spec.gate.required_successes} consecutive healthy answers reporting "
+        raise failure((f"health gate failed: no {spec.gate.required_successes} consecutive healthy answers reporting "
                          f"{spec.version} from {spec.health_url} within {spec.gate.deadline_s:g} s. Last answers:\n"
                          + "\n".join(evidence["last_answers"])),
-            metadata=md, allow_retries=False,
-        )
+            metadata=md)
     hist = history.load(context.instance, spec.environment)
     previous = hist.serving_version
     context.log_event(history.materialization(

@@ -8,6 +8,7 @@ from ops_pipeline import migration_tables
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.commands import Command, CommandError, run
 from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.ops import failure
 from ops_pipeline.resources.images import DockerEngine
 from ops_pipeline.resources.postgres import DatabaseError, LockTimeout, PostgresResource
 from ops_pipeline.resources.targets.base import Artifact
@@ -31,9 +32,9 @@ def take_environment_lock(context: dg.OpExecutionContext, spec: ReleaseSpec, pos
         took = postgres.hold_lock(url, environment_lock_name(spec.environment), holder=holder, wait_s=spec.config.lock_wait_s,
                                   on_wait=context.log.warning)
     except LockTimeout as exc:
-        raise dg.Failure(description=f"another release of '{spec.environment}' is in progress: {exc}", allow_retries=False) from None
+        raise failure(f"another release of '{spec.environment}' is in progress: {exc}") from None
     except DatabaseError as exc:
-        raise dg.Failure(description=f"cannot take the environment lock: {exc}", allow_retries=False) from None
+        raise failure(f"cannot take the environment lock: {exc}") from None
     if took:
         context.log.info(f"holding the release lock of environment '{spec.environment}'")
 
@@ -76,7 +77,7 @@ def migrate_database(
     docker_engine: DockerEngine,
 ) -> MigrationResult:
     if not backup.get("verified"):
-        raise dg.Failure(description="no verified backup: refusing to migrate", allow_retries=False)
+        raise failure("no verified backup: refusing to migrate")
     env = resolve_app_env(spec.config, local_stack)
     url = env.database_url
     take_environment_lock(context, spec, postgres, url)
@@ -106,15 +107,12 @@ def migrate_database(
             partial = []
             state = (f"The schema could not be re-checked ({db_exc}); migrations run in one transaction, so the "
                      "failed batch left it unchanged. ")
-        raise dg.Failure(
-            description=(
+        raise failure((
                 "migration failed; nothing was deployed. " + state
                 + f"Pre-migration backup: {backup['id']} ({backup['location']}); restore it with the restore_database "
                 f"job (backup_id: {backup['id']}) only if the data is damaged.\n{exc}"
             ),
-            metadata={"backup_id": backup["id"], "applied_before_failure": dg.MetadataValue.json(partial)},
-            allow_retries=False,
-        ) from None
+            metadata={"backup_id": backup["id"], "applied_before_failure": dg.MetadataValue.json(partial)}) from None
     after = applied_migrations(postgres, url, table)
     applied = [m for m in after if m not in before]
     context.add_output_metadata({

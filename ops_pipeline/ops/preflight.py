@@ -9,6 +9,7 @@ import dagster as dg
 from ops_pipeline import liveness, paths
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.ops import failure
 from ops_pipeline.resources.postgres import DatabaseError, PostgresResource
 from ops_pipeline.resources.redis import RedisError, RedisResource
 from ops_pipeline.spec import KNOWN_DEFAULT_SECRETS, ReleaseConfig, ReleaseSpec, SpecError, validate_release_config
@@ -50,8 +51,7 @@ def _names(conn) -> str:
 def check_release_config(config: ReleaseConfig) -> None:
     problems = validate_release_config(config)
     if problems:
-        raise dg.Failure(description=str(SpecError(problems)), metadata={"problems": dg.MetadataValue.json(problems)},
-                         allow_retries=False)
+        raise failure(str(SpecError(problems)), metadata={"problems": dg.MetadataValue.json(problems)})
 
 
 @dg.op(
@@ -106,11 +106,8 @@ def verify_env(
             errors.append(f"redis check failed (with the app's {_names(app.redis.app_vars)}): {env.redactor(str(exc))}")
 
     if errors:
-        raise dg.Failure(
-            description=f"environment '{config.environment}' is not ready for a release:\n" + "\n".join(f"  - {e}" for e in errors),
-            metadata={"problems": dg.MetadataValue.json(errors)},
-            allow_retries=False,
-        )
+        raise failure(f"environment '{config.environment}' is not ready for a release:\n" + "\n".join(f"  - {e}" for e in errors),
+            metadata={"problems": dg.MetadataValue.json(errors)})
 
     commit, dirty = git_state(app_dir)
     version = config.version or default_version(commit, dirty)

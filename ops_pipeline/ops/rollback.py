@@ -6,6 +6,7 @@ from pydantic import Field
 from ops_pipeline import history
 from ops_pipeline.app_env import resolve_app_env
 from ops_pipeline.local_stack import LocalStack
+from ops_pipeline.ops import failure
 from ops_pipeline.ops.deploy import rollout_metadata
 from ops_pipeline.ops.health import run_gate
 from ops_pipeline.ops.migrate import take_environment_lock
@@ -37,11 +38,10 @@ class RollbackConfig(dg.Config):
 def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy_targets: DeployTargets,
                   notifier: Notifier) -> dict:
     if not ENV_NAME.match(config.environment or ""):
-        raise dg.Failure(description=f"environment: {config.environment!r} is not a valid environment name", allow_retries=False)
+        raise failure(f"environment: {config.environment!r} is not a valid environment name")
     hist = history.load(context.instance, config.environment)
     if not hist.events:
-        raise dg.Failure(description=f"environment: no release history for '{config.environment}' (unknown environment?)",
-                         allow_retries=False)
+        raise failure(f"environment: no release history for '{config.environment}' (unknown environment?)")
     # What is serving, read from the runtime (the record may lag behind a crashed release).
     newest_spec = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
     serving_versions: set[str] = set()
@@ -67,16 +67,14 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
     if config.target_version:
         good = hist.release_of(config.target_version)
         if not good:
-            raise dg.Failure(description=f"target_version: {config.target_version!r} was never released to '{config.environment}'",
-                             allow_retries=False)
+            raise failure(f"target_version: {config.target_version!r} was never released to '{config.environment}'")
         if config.target_version in hist.bad_versions and not config.force:
-            raise dg.Failure(description=f"target_version: {config.target_version} is marked bad; set force: true to use it anyway",
-                             allow_retries=False)
+            raise failure(f"target_version: {config.target_version} is marked bad; set force: true to use it anyway")
     else:
         good = hist.last_good(exclude={bad} if bad else None)
         if not good:
-            raise dg.Failure(description=f"no known-good version of '{config.environment}' to roll back to "
-                             f"(history: {'; '.join(hist.summary(5))})", allow_retries=False)
+            raise failure(f"no known-good version of '{config.environment}' to roll back to "
+                             f"(history: {'; '.join(hist.summary(5))})")
     noop = serving_versions == {good.version}
     bad_record = hist.release_of(bad) if bad else None
     bad_events = [e for e in hist.events if e.version == bad]
@@ -139,8 +137,8 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
         context.log_event(history.materialization(
             spec.environment, history.ROLLBACK_FAILED, spec.version, run_id=context.run_id, from_version=plan["bad_version"],
             reason=env.redactor(str(exc))[:2000], stage="rollback_deploy"))
-        raise dg.Failure(description=f"rollback to {spec.version} failed: {env.redactor(str(exc))}",
-                         metadata=rollout_metadata(exc.report, target), allow_retries=False) from None
+        raise failure(f"rollback to {spec.version} failed: {env.redactor(str(exc))}",
+                         metadata=rollout_metadata(exc.report, target)) from None
     context.add_output_metadata(rollout_metadata(report, target))
     return {**plan, "rollout": report.to_json()}
 
@@ -161,8 +159,7 @@ def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: L
             spec.environment, history.ROLLBACK_FAILED, spec.version, run_id=context.run_id, from_version=deployed["bad_version"],
             reason="health gate failed after rollback", gate=evidence, stage="rollback_gate"))
         notifier.announce(context.log, f":x: rollback of {spec.environment} to {spec.version} FAILED its health gate", level="error")
-        raise dg.Failure(description="rollback health gate failed. Last answers:\n" + "\n".join(evidence["last_answers"]),
-                         allow_retries=False)
+        raise failure("rollback health gate failed. Last answers:\n" + "\n".join(evidence["last_answers"]))
     if not deployed["noop"] or deployed["bad_version"] != spec.version:
         context.log_event(history.materialization(
             spec.environment, history.ROLLED_BACK, spec.version, run_id=context.run_id, url=spec.public_url,

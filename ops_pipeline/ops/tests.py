@@ -9,6 +9,7 @@ import dagster as dg
 from ops_pipeline import paths
 from ops_pipeline.app_env import secret_names
 from ops_pipeline.commands import Command, CommandError, run
+from ops_pipeline.ops import failure
 from ops_pipeline.packagers import (
     PackageManager,
     PackagerError,
@@ -45,7 +46,7 @@ def package_manager(spec: ReleaseSpec) -> PackageManager:
     try:
         return detect(Path(spec.app_dir), spec.app.commands.package_manager)
     except PackagerError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise failure(str(exc)) from None
 
 
 def command_env(spec: ReleaseSpec, pm: PackageManager | None = None, log=None) -> tuple[dict[str, str], list[str]]:
@@ -78,12 +79,12 @@ def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
     try:
         steps = plan_steps(cmds, pm, scripts_of(app_dir))
     except PackagerError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise failure(str(exc)) from None
     context.log.info(f"package manager: {pm.label}; steps: {' -> '.join(s.name for s in steps) or 'none'}")
     try:
         extra_env, hidden = command_env(spec, pm, context.log.info)
     except CommandError as exc:
-        raise dg.Failure(description=f"providing {pm.label} failed: {exc}", allow_retries=False) from None
+        raise failure(f"providing {pm.label} failed: {exc}") from None
     extra_env.update(per_directory_env(pm, app_dir))
     redactor = Redactor()
     durations: dict[str, float] = {}
@@ -115,17 +116,15 @@ def run_tests(context: dg.OpExecutionContext, spec: ReleaseSpec) -> ReleaseSpec:
                     what = f"{rep.failed} of {rep.total} failed: {names}"
                 else:  # the runner stopped before reporting (or its output is in no format we read)
                     what = str(exc)
-                raise dg.Failure(
-                    description=f"app tests failed ({step.name}): {what}" + (f"\n{install_notes}" if install_notes else ""),
-                    metadata=md, allow_retries=False,
-                ) from None
+                raise failure(f"app tests failed ({step.name}): {what}" + (f"\n{install_notes}" if install_notes else ""),
+                    metadata=md) from None
             why = ""
             if exc.result is not None:
                 scripts = install_script_report(exc.result.output)
                 why = scripts.explain(pm) if step.name.startswith("install") else ""
             why = why or install_notes
-            raise dg.Failure(description=f"{step.name} failed: {exc}" + (f"\n{why}" if why else ""),
-                             metadata=md, allow_retries=False) from None
+            raise failure(f"{step.name} failed: {exc}" + (f"\n{why}" if why else ""),
+                             metadata=md) from None
         durations[step.name] = round(result.duration_s, 2)
         context.log.info(f"{step.name}: done in {result.duration_s:.2f} s")
         if step.name.startswith("install"):
