@@ -58,7 +58,10 @@ def run_steps(spec: ReleaseSpec) -> dict:
 
 
 def lock_with(app: Path, argv: list[str], env: dict | None = None) -> None:
-    subprocess.run(argv, cwd=app, check=True, capture_output=True, timeout=300, env={**os.environ, **(env or {})})
+    """Write the app's lock file (a mutable install by definition: Yarn Berry refuses one when CI=true unless told)."""
+    done = subprocess.run(argv, cwd=app, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "YARN_ENABLE_IMMUTABLE_INSTALLS": "false", **(env or {})})
+    assert done.returncode == 0, f"{argv}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
 
 
 # --- the plan: defaults from the app, the spec's order, overrides -------------------------------------------
