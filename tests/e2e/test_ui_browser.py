@@ -249,14 +249,15 @@ def test_release_from_the_launchpad_and_automation_running(dagster_stack, ui, no
     health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5, headers={"Connection": "close"})
     assert health.status_code == 200 and health.json()["version"] == "ui-v1"
 
-    # ---- Automation: both schedules and both sensors listed and running -------------------------------------
+    # ---- Automation: both schedules and the three sensors listed and running ---------------------------------
     nav(page, "/automation")
     for kind, name in AUTOMATION:
         expect(link_to(page, automation_path(kind, name))).to_be_visible()
         expect(row_switch(page, automation_path(kind, name))).to_be_checked()
-    for description in ("Scheduled At 02:00 AM UTC", "Scheduled At 04:00 AM UTC, only on Sunday", "Standard sensor",
-                        "Run status sensor"):
-        expect(page.get_by_text(description, exact=True)).to_be_visible()
+    for description, count in (("Scheduled At 02:00 AM UTC", 1), ("Scheduled At 04:00 AM UTC, only on Sunday", 1),
+                               ("Standard sensor", 2), ("Run status sensor", 1)):  # health_watch and run_liveness
+        expect(page.get_by_text(description, exact=True)).to_have_count(count)
+        expect(page.get_by_text(description, exact=True).first).to_be_visible()
     save_shot(page, "automation_running")
 
     pictures = {"nightly_backup": "schedule_nightly_backup", "health_watch": "sensor_health_watch"}
