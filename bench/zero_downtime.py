@@ -80,6 +80,15 @@ def under_load(port: int, rate: float, label: str, action) -> dict:
             "stale": r.stale_keepalive, "resent_ok": r.resent_ok, "seconds": r.seconds, "rate": r.rate, "versions": r.versions, "samples": r.samples}
 
 
+def stop_front_proxy(env: str) -> None:
+    """The environment's nginx (PM2 and Docker targets), which outlives the PM2 daemon."""
+    pidfile = STATE / "envs" / env / "nginx" / "nginx.pid"
+    try:
+        os.kill(int(pidfile.read_text()), 15)
+    except (OSError, ValueError):
+        pass
+
+
 def broken_release(instance, release, rate: float, skip_own_check: bool) -> dict:
     """v1 of the plain app, then v2 answering 503 on /health, under load; returns the v2 phase's row."""
     from ops_pipeline.resources.targets.pm2 import Pm2Target
@@ -110,9 +119,7 @@ def broken_release(instance, release, rate: float, skip_own_check: bool) -> dict
         Pm2Target._wait_instance_healthy = original
         subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
                        env={**os.environ, "PM2_HOME": str(STATE / "envs" / env / "pm2")})
-        pidfile = STATE / "envs" / env / "nginx" / "nginx.pid"
-        if pidfile.exists():
-            os.kill(int(pidfile.read_text()), 15)
+        stop_front_proxy(env)
     r = load.result
     print(f"  {label}: {r.requests} requests, {r.non_2xx} non-2xx, {r.errors} errors (release succeeded: {ok})", flush=True)
     return {"phase": label, "ok_run": True, "requests": r.requests, "2xx": r.ok, "non_2xx": r.non_2xx,
@@ -164,6 +171,7 @@ def main() -> int:
                 remove_docker_environment(env)
             subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "kill"], capture_output=True,
                            env={**os.environ, "PM2_HOME": str(STATE / "envs" / env / "pm2")})
+            stop_front_proxy(env)
         stack.stop()
         shutil.rmtree(STATE, ignore_errors=True)
 
