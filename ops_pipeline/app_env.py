@@ -52,34 +52,33 @@ class AppEnv:
         """Variables to hand to the app's processes and commands."""
         return dict(self.values)
 
-    def database_check_url(self, conn: ConnectionVarsConfig) -> str | None:
-        """The PostgreSQL connection exactly as the app receives it (its URL, else its parts), for verify_env."""
-        if conn.url and self.values.get(conn.url):
+    def _given(self, var: str, default: str = "") -> str:
+        return self.values.get(var, default) if var else default
+
+    def _check_url(self, conn: ConnectionVarsConfig, *, scheme: str, tls_scheme: str, tls_query: str,
+                   default_port: str, default_database: str) -> str | None:
+        """The connection exactly as the app receives it: its URL variable, else a URL made of its parts."""
+        if self._given(conn.url):
             return self.values[conn.url]
-        host = self.values.get(conn.host) if conn.host else None
+        host = self._given(conn.host)
         if not host:
             return None
-        user = quote(self.values.get(conn.user, "") if conn.user else "", safe="")
-        password = quote(self.values.get(conn.password, "") if conn.password else "", safe="")
-        port = self.values.get(conn.port, "5432") if conn.port else "5432"
-        database = quote(self.values.get(conn.database, "") if conn.database else "", safe="")
-        tls = "?sslmode=require" if conn.tls and self.values.get(conn.tls) == "true" else ""
-        return f"postgresql://{user}{':' + password if password else ''}@{host}:{port}/{database}{tls}"
+        tls = self._given(conn.tls) == "true"
+        user, password = quote(self._given(conn.user), safe=""), quote(self._given(conn.password), safe="")
+        auth = f"{user}{':' + password if password else ''}@" if user or password else ""
+        database = quote(self._given(conn.database, default_database), safe="")
+        return (f"{tls_scheme if tls else scheme}://{auth}{host}:{self._given(conn.port, default_port)}/{database}"
+                f"{tls_query if tls else ''}")
+
+    def database_check_url(self, conn: ConnectionVarsConfig) -> str | None:
+        """The PostgreSQL connection as the app receives it, for verify_env."""
+        return self._check_url(conn, scheme="postgresql", tls_scheme="postgresql", tls_query="?sslmode=require",
+                               default_port="5432", default_database="")
 
     def redis_check_url(self, conn: ConnectionVarsConfig) -> str | None:
-        """The Redis connection exactly as the app receives it (its URL, else its parts)."""
-        if conn.url and self.values.get(conn.url):
-            return self.values[conn.url]
-        host = self.values.get(conn.host) if conn.host else None
-        if not host:
-            return None
-        scheme = "rediss" if conn.tls and self.values.get(conn.tls) == "true" else "redis"
-        auth = ""
-        if conn.password and self.values.get(conn.password):
-            auth = f"{self.values.get(conn.user, '') if conn.user else ''}:{self.values[conn.password]}@"
-        port = self.values.get(conn.port, "6379") if conn.port else "6379"
-        db = self.values.get(conn.database, "0") if conn.database else "0"
-        return f"{scheme}://{auth}{host}:{port}/{db}"
+        """The Redis connection as the app receives it, for verify_env."""
+        return self._check_url(conn, scheme="redis", tls_scheme="rediss", tls_query="", default_port="6379",
+                               default_database="0")
 
 
 def postgres_parts(url: str) -> dict[str, str]:

@@ -86,3 +86,11 @@ def test_secret_values_are_refused_in_the_spec(ref):
     problems = validate_release_config(config(secrets={"KEY": ref}), check_paths=False)
     assert problems == [f"app.secrets.KEY: {ref!r} is not a reference (env:NAME, file:/absolute/path or generate); "
                         "secret values are never written in the spec"]
+
+
+def test_redis_parts_with_tls_and_a_password_make_the_url_the_app_would_use():
+    cfg = config(database={"url_from": "env:DB"},
+                 redis={"url_from": "env:R", "app_vars": {"url": "", "host": "RH", "port": "RP", "password": "RPW",
+                                                          "database": "RDB", "tls": "RTLS"}})
+    env = resolve_app_env(cfg, None, environ={"DB": "postgresql://a:b@h/d", "R": "rediss://:p%40ss@cache:6380/2"})
+    assert env.redis_check_url(cfg.app.redis.app_vars) == "rediss://:p%40ss@cache:6380/2"
