@@ -18,7 +18,7 @@ PORT ?= 3000
 # Jobs print a short account of their run; VERBOSE=1 puts the whole Dagster log on the terminal too
 # (it is always kept in <state>/logs/, and the path is printed).
 VERBOSE ?=
-LAUNCH = $(BIN)/python -m ops_pipeline.run_report launch $(if $(VERBOSE),--verbose)
+LAUNCH = $(BIN)/python -m ops_pipeline.platform.run_report launch $(if $(VERBOSE),--verbose)
 
 SPEC ?= presets/$(ENVIRONMENT).yaml
 
@@ -51,10 +51,10 @@ setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.
 
 ## demo: release examples/node-api to the `local` environment on the embedded stack, through `dg launch`.
 demo: setup
-	@$(BIN)/python -m ops_pipeline.local_stack up
+	@$(BIN)/python -m ops_pipeline.platform.local_stack up
 	@$(LAUNCH) release presets/local.yaml
 	@echo
-	@$(BIN)/python -m ops_pipeline.status local
+	@$(BIN)/python -m ops_pipeline.release.status local
 	@echo
 	@echo "Open the Dagster UI: make ui  (then http://127.0.0.1:$(PORT))"
 
@@ -77,16 +77,16 @@ ui: setup
 
 ## status: what serves every environment of the state folder (or ENVIRONMENT=name only).
 status: setup
-	@$(BIN)/python -m ops_pipeline.status $(ENVIRONMENT_GIVEN)
+	@$(BIN)/python -m ops_pipeline.release.status $(ENVIRONMENT_GIVEN)
 
 ## validate: the definitions load (dg check defs); with SPEC=path, that release spec is checked too (no side effect).
 validate: setup
 	dg check defs
-	$(if $(filter command line environment,$(origin SPEC)),$(BIN)/python -m ops_pipeline.spec $(SPEC))
+	$(if $(filter command line environment,$(origin SPEC)),$(BIN)/python -m ops_pipeline.platform.spec $(SPEC))
 
 ## init: a commented starting spec for the Node app in APP=folder (written to OUT, default <app name>.yaml).
 init: setup
-	@$(BIN)/python -m ops_pipeline.init_spec $(APP) -o $(or $(OUT),$(notdir $(abspath $(APP))).yaml)
+	@$(BIN)/python -m ops_pipeline.release.init_spec $(APP) -o $(or $(OUT),$(notdir $(abspath $(APP))).yaml)
 
 ## test: the whole suite (real PostgreSQL, Redis, PM2, S3 server, dagster daemon/webserver, browser, Podman).
 test: setup
@@ -97,8 +97,8 @@ test-fast: setup
 
 ## down: stop every environment's PM2 daemon and nginx front proxy, then the embedded PostgreSQL/Redis.
 down:
-	-@$(BIN)/python -m ops_pipeline.status --down
-	-@$(BIN)/python -m ops_pipeline.local_stack down
+	-@$(BIN)/python -m ops_pipeline.release.status --down
+	-@$(BIN)/python -m ops_pipeline.platform.local_stack down
 
 clean: down
 	rm -rf $(STATE)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: the seed's backup/restore script against ops_pipeline.backups, on a realistic ~1 GB database.
+"""Benchmark: the seed's backup/restore script against ops_pipeline.backup, on a realistic ~1 GB database.
 
     .venv/bin/python bench/backup.py [--gb 1.0] [--runs 2] [--explore [all|backup|restore]] [--keep]
                                      [--database-url URL [--admin-database-url URL]]
@@ -56,10 +56,10 @@ import psycopg  # noqa: E402
 import zstandard  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from ops_pipeline import backups  # noqa: E402
-from ops_pipeline.local_stack import LocalStack  # noqa: E402
-from ops_pipeline.resources.backup_store import BackupStore  # noqa: E402
-from ops_pipeline.resources.postgres import ConnInfo, PostgresResource  # noqa: E402
+from ops_pipeline import backup as backups  # noqa: E402
+from ops_pipeline.backup.store import BackupStore  # noqa: E402
+from ops_pipeline.platform.local_stack import LocalStack  # noqa: E402
+from ops_pipeline.platform.postgres import ConnInfo, PostgresResource  # noqa: E402
 
 SOURCE_DB = "opsbench_src"
 DB_PREFIX = "opsbench_"

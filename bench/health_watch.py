@@ -11,7 +11,7 @@ environment, threshold 3, 2 s timeout), for both:
 
 * sequential: today's evaluation, reconstructed here: one environment after another, a new HTTP client per probe
   (HttpProber), the whole probe loop of one environment before the next;
-* concurrent: `ops_pipeline.sensors.watch_tick`, what `health_watch` runs.
+* concurrent: `ops_pipeline.release.sensors.watch_tick`, what `health_watch` runs.
 
 Probe interval per environment: the longest gap between two probes of one environment, inside the tick and across
 two ticks run back to back (the sensor daemon starts the next evaluation as soon as one ends, about every 5 s at
@@ -39,9 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 import dagster as dg  # noqa: E402
 
-from ops_pipeline import history, sensors  # noqa: E402
-from ops_pipeline.resources.health import HttpProber  # noqa: E402
-from ops_pipeline.spec import ReleaseConfig, ReleaseSpec  # noqa: E402
+from ops_pipeline.platform import history
+from ops_pipeline.platform.prober import HttpProber  # noqa: E402
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec  # noqa: E402
+from ops_pipeline.release import sensors  # noqa: E402
 
 SERVERS = r"""
 import json, sys, threading

@@ -29,7 +29,7 @@ STATE = isolated_state("ops-bench-orch-", reuse_env="OPS_BENCH_ORCH_STATE")
 import dagster as dg  # noqa: E402
 
 from ops_pipeline.definitions import defs  # noqa: E402
-from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
+from ops_pipeline.platform.local_stack import LocalStack, free_port  # noqa: E402
 
 
 def release_multiprocess():

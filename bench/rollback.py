@@ -32,7 +32,7 @@ import dagster as dg  # noqa: E402
 import httpx  # noqa: E402
 
 from bench.loadgen import Load  # noqa: E402
-from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
+from ops_pipeline.platform.local_stack import LocalStack, free_port  # noqa: E402
 from tests import app_variants  # noqa: E402
 from tests.e2e.servers import DagsterServers  # noqa: E402
 

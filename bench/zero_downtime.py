@@ -35,7 +35,7 @@ import dagster as dg  # noqa: E402
 
 from bench.loadgen import Load  # noqa: E402
 from ops_pipeline.definitions import defs  # noqa: E402
-from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
+from ops_pipeline.platform.local_stack import LocalStack, free_port  # noqa: E402
 
 MIN_REQUESTS = 10_000
 
@@ -52,10 +52,10 @@ def release_config(app: Path, env: str, version: str, port: int, docker: bool) -
 
 def remove_docker_environment(env: str) -> None:
     """The environment's containers, nginx, network and host relays (read from the engine by their labels)."""
-    from ops_pipeline.resources.health import HttpProber
-    from ops_pipeline.resources.targets.docker import DockerTarget
-    from ops_pipeline.resources.targets.docker_engine import DockerEngine
-    from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
+    from ops_pipeline.platform.prober import HttpProber
+    from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+    from ops_pipeline.targets.docker.engine import DockerEngine
+    from ops_pipeline.targets.docker.target import DockerTarget
 
     cfg = ReleaseConfig(environment=env, app={"path": str(ROOT / "examples" / "node-api")},
                         target=release_config(ROOT, env, "-", 0, True)["ops"]["verify_env"]["config"]["target"])
@@ -91,7 +91,7 @@ def stop_front_proxy(env: str) -> None:
 
 def broken_release(instance, release, rate: float, skip_own_check: bool) -> dict:
     """v1 of the plain app, then v2 answering 503 on /health, under load; returns the v2 phase's row."""
-    from ops_pipeline.resources.targets.pm2 import Pm2Target
+    from ops_pipeline.targets.pm2.target import Pm2Target
 
     app = STATE / f"plain-{int(skip_own_check)}"
     shutil.copytree(ROOT / "tests" / "fixtures" / "plain-http-app", app)

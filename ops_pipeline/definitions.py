@@ -1,4 +1,5 @@
-"""The one Definitions of ops-pipeline: jobs, schedules, sensors and one resource per external system.
+"""The one Definitions of ops-pipeline: the release and backup domains' jobs, schedules and sensors, merged, and one
+resource per external system.
 
 Resource settings come from the environment of the code location (12-factor); secrets are `EnvVar`s,
 so the UI shows the variable's name, never its value:
@@ -14,19 +15,18 @@ import warnings
 
 import dagster as dg
 
-from ops_pipeline.jobs import backup, release, restore_database_job, restore_drill_job, rollback
-from ops_pipeline.local_stack import LocalStack
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.health import HttpProber
-from ops_pipeline.resources.images import DockerEngine
-from ops_pipeline.resources.kubernetes import KubernetesResource
-from ops_pipeline.resources.notify import Notifier
-from ops_pipeline.resources.postgres import PostgresResource
-from ops_pipeline.resources.redis import RedisResource
-from ops_pipeline.resources.targets import DeployTargets
-from ops_pipeline.resources.targets.pm2 import Pm2Resource
-from ops_pipeline.schedules import build_schedules
-from ops_pipeline.sensors import health_watch, rollback_on_release_failure, run_liveness
+from ops_pipeline.backup import definitions as backup_domain
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.local_stack import LocalStack
+from ops_pipeline.platform.notify import Notifier
+from ops_pipeline.platform.postgres import PostgresResource
+from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.platform.redis import RedisResource
+from ops_pipeline.release import definitions as release_domain
+from ops_pipeline.targets.docker.engine import DockerEngine
+from ops_pipeline.targets.kubernetes.client import KubernetesResource
+from ops_pipeline.targets.pm2.target import Pm2Resource
+from ops_pipeline.targets.resource import DeployTargets
 
 # Dagster 1.13 itself passes `owners` when Definitions binds resources to the jobs the sensors target
 # (SensorDefinition.with_updated_jobs); the BetaWarning it raises is about its own call, not ours.
@@ -71,9 +71,5 @@ def build_resources() -> dict:
     }
 
 
-defs = dg.Definitions(
-    jobs=[release, rollback, backup, restore_drill_job, restore_database_job],
-    schedules=build_schedules(),
-    sensors=[health_watch, rollback_on_release_failure, run_liveness],
-    resources=build_resources(),
-)
+# One Definitions per domain (release, backup), merged here with the resources every domain shares.
+defs = dg.Definitions.merge(release_domain.defs, backup_domain.defs, dg.Definitions(resources=build_resources()))

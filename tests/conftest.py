@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_APP = ROOT / "examples" / "node-api"
 
-# Set before anything imports ops_pipeline.paths users: the whole session shares one state dir.
+# Set before anything imports ops_pipeline.platform.paths users: the whole session shares one state dir.
 _STATE = Path(tempfile.mkdtemp(prefix="ops-test-state-"))
 _STATE.chmod(0o755)
 os.environ["OPS_STATE_DIR"] = str(_STATE)
@@ -36,7 +36,7 @@ os.environ.setdefault("OPS_FAULT_REPORT", str(Path(tempfile.gettempdir()) / f"op
 for _name in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "NODE_ENV"):
     os.environ.pop(_name, None)
 
-from ops_pipeline.local_stack import LocalStack, free_port  # noqa: E402
+from ops_pipeline.platform.local_stack import LocalStack, free_port  # noqa: E402
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -147,8 +147,8 @@ def _copy_app(src: Path, dst: Path, *, link_node_modules: bool = True) -> Path:
 def node_app(state_dir) -> Path:
     """A private copy of examples/node-api with its dependencies installed once per session."""
     dst = _copy_app(EXAMPLE_APP, state_dir / "apps" / "node-api", link_node_modules=False)
-    from ops_pipeline.ops.tests import INSTALL_STAMP, install_stamp
-    from ops_pipeline.packagers import detect
+    from ops_pipeline.release.ops.tests import INSTALL_STAMP, install_stamp
+    from ops_pipeline.release.packagers import detect
 
     pm = detect(dst)
     subprocess.run(pm.install().split(), cwd=dst, check=True, capture_output=True, timeout=600)
@@ -228,7 +228,7 @@ def scratch_db(services):
     import psycopg
     from psycopg import sql
 
-    from ops_pipeline.resources.postgres import ConnInfo
+    from ops_pipeline.platform.postgres import ConnInfo
 
     name = f"t_{os.getpid()}_{time.time_ns() % 10**9}"
     with psycopg.connect(services.database_url, autocommit=True) as conn:

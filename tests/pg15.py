@@ -16,7 +16,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Iterator
 
-from ops_pipeline.local_stack import _ensure_system_user, free_port
+from ops_pipeline.platform.local_stack import _ensure_system_user, free_port
 
 
 def bindir_with(extension: str, tools: tuple[str, ...] = ()) -> Path | None:

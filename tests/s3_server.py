@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform.local_stack import free_port
 
 
 class MotoServer:

@@ -11,9 +11,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from ops_pipeline import backups
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.postgres import ConnInfo, PostgresResource
+from ops_pipeline import backup as backups
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.postgres import ConnInfo, PostgresResource
 from tests import pg15
 
 pytestmark = pytest.mark.xdist_group("pg15")

@@ -15,9 +15,9 @@ import httpx
 import psycopg
 import pytest
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import free_port
-from tests.conftest import ROOT, _STATE, release_run_config
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
+from tests.conftest import _STATE, ROOT, release_run_config
 
 sys.path.insert(0, str(ROOT / "bench"))
 from loadgen import Load  # noqa: E402
@@ -27,7 +27,7 @@ PLAIN_APP = Path(__file__).parent / "fixtures" / "plain-http-app"
 
 @pytest.fixture
 def release_env(environment_name, pm2_cleanup, tmp_path, instance):
-    from ops_pipeline.resources.backup_store import BackupStore
+    from ops_pipeline.backup.store import BackupStore
     from tests.conftest import make_defs
 
     pm2_cleanup(environment_name)

@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from ops_pipeline.app_env import postgres_parts, redis_parts, resolve_app_env
-from ops_pipeline.spec import ReleaseConfig
+from ops_pipeline.platform.app_env import postgres_parts, redis_parts, resolve_app_env
+from ops_pipeline.platform.spec import ReleaseConfig
 
 
 def config(**app) -> ReleaseConfig:
@@ -81,7 +81,7 @@ def test_generated_secrets_are_kept_per_environment_and_private(tmp_path, monkey
 
 @pytest.mark.parametrize("ref", ["plain-value", "env:", "file:relative/path", "vault:x"])
 def test_secret_values_are_refused_in_the_spec(ref):
-    from ops_pipeline.spec import validate_release_config
+    from ops_pipeline.platform.spec import validate_release_config
 
     problems = validate_release_config(config(secrets={"KEY": ref}), check_paths=False)
     assert problems == [f"app.secrets.KEY: {ref!r} is not a reference (env:NAME, file:/absolute/path or generate); "

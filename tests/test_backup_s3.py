@@ -7,9 +7,9 @@ import dagster as dg
 import pytest
 from dagster_aws.s3 import S3Resource
 
-from ops_pipeline import backups
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.postgres import ConnInfo, PostgresResource
+from ops_pipeline import backup as backups
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.postgres import ConnInfo, PostgresResource
 from tests.conftest import make_defs
 from tests.s3_server import FaultProxy, MotoServer
 

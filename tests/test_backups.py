@@ -13,9 +13,9 @@ import dagster as dg
 import psycopg
 import pytest
 
-from ops_pipeline import backups
-from ops_pipeline.resources.backup_store import BackupStore, StoreError
-from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
+from ops_pipeline import backup as backups
+from ops_pipeline.backup.store import BackupStore, StoreError
+from ops_pipeline.platform.postgres import ConnInfo, DatabaseError, PostgresResource
 from tests.conftest import make_defs
 
 PG = PostgresResource()
@@ -519,7 +519,7 @@ def test_restore_never_drops_a_database_it_did_not_create(scratch_db, store):
 def test_switch_fails_clearly_and_renames_nothing_when_a_session_cannot_be_closed(scratch_db, services):
     """An app role may not terminate a superuser's session (nor an autovacuum worker). The switch then names who
     is connected, renames nothing and leaves the live database accepting connections."""
-    from ops_pipeline.backups import switch_databases
+    from ops_pipeline.backup import switch_databases
 
     info = ConnInfo.parse(scratch_db)
     live, restored = info.database, f"{info.database}_r"

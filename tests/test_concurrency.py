@@ -13,9 +13,9 @@ from pathlib import Path
 import dagster as dg
 import yaml
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import free_port
-from ops_pipeline.resources.postgres import LockTimeout, PostgresResource
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
+from ops_pipeline.platform.postgres import LockTimeout, PostgresResource
 from tests.conftest import ROOT, release_run_config
 
 PG = PostgresResource()
@@ -83,7 +83,7 @@ def test_five_concurrent_cli_releases_never_overlap(node_app, environment_name, 
 
 def test_a_crashed_lock_holder_never_leaves_a_stale_lock(services):
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time, sys\nfrom ops_pipeline.resources.postgres import PostgresResource\n"
+        "import time, sys\nfrom ops_pipeline.platform.postgres import PostgresResource\n"
         f"with PostgresResource().advisory_lock({services.database_url!r}, 'environment:crash-test', holder='doomed run',"
         " wait_s=5):\n    print('locked', flush=True)\n    time.sleep(600)\n")], stdout=subprocess.PIPE, text=True,
         cwd=ROOT, start_new_session=True)

@@ -22,8 +22,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from ops_pipeline import paths
-from ops_pipeline.spec import ENV_NAME, ReleaseConfig, validate_release_config
+from ops_pipeline.platform import paths
+from ops_pipeline.platform.spec import ENV_NAME, ReleaseConfig, validate_release_config
 
 FAST = settings(max_examples=60, derandomize=True, deadline=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow])
@@ -570,7 +570,7 @@ def test_weird_input_gives_problems_naming_fields_never_a_crash(data, check_path
 @given(fuzz(ReleaseConfig))
 def test_the_config_schema_of_the_release_job_accepts_or_names_the_field(data):
     """Dagster's own config check comes first in a launched run: it refuses or accepts, it never crashes."""
-    from ops_pipeline.jobs import release
+    from ops_pipeline.release.jobs import release
 
     try:
         json.dumps(data, allow_nan=True)
@@ -618,9 +618,9 @@ def tiny_app(tmp_path_factory):
 
 
 def op_resources() -> dict:
-    from ops_pipeline.local_stack import LocalStack
-    from ops_pipeline.resources.postgres import PostgresResource
-    from ops_pipeline.resources.redis import RedisResource
+    from ops_pipeline.platform.local_stack import LocalStack
+    from ops_pipeline.platform.postgres import PostgresResource
+    from ops_pipeline.platform.redis import RedisResource
 
     return {"local_stack": LocalStack(), "postgres": PostgresResource(), "redis": RedisResource()}
 
@@ -632,7 +632,7 @@ RELEASE_MUTATIONS = [m for m in MUTATIONS if m.path != "app.commands.steps[0].na
 @given(st.lists(st.sampled_from(RELEASE_MUTATIONS), min_size=1, max_size=4, unique_by=lambda m: m.path).filter(compatible),
        st.data())
 def test_verify_env_refuses_bad_specs_before_any_side_effect(services, tiny_app, mutations, draw):
-    from ops_pipeline.ops.preflight import verify_env
+    from ops_pipeline.release.ops.preflight import verify_env
 
     data = json.loads(json.dumps(BASE))
     data["environment"] = "prop-never-created"
@@ -655,13 +655,13 @@ def test_verify_env_refuses_bad_specs_before_any_side_effect(services, tiny_app,
 
 
 @settings(OPS)
-@given(fuzz(__import__("ops_pipeline.ops.rollback", fromlist=["RollbackConfig"]).RollbackConfig))
+@given(fuzz(__import__("ops_pipeline.release.ops.rollback", fromlist=["RollbackConfig"]).RollbackConfig))
 @example({"environment": "local\n"})
 @example({"environment": "Prod"})
 def test_plan_rollback_refuses_bad_or_unknown_environments_before_any_side_effect(services, instance, data):
-    from ops_pipeline.ops.rollback import RollbackConfig, plan_rollback
-    from ops_pipeline.resources.notify import Notifier
-    from ops_pipeline.resources.targets import DeployTargets
+    from ops_pipeline.platform.notify import Notifier
+    from ops_pipeline.release.ops.rollback import RollbackConfig, plan_rollback
+    from ops_pipeline.targets.resource import DeployTargets
 
     data.setdefault("environment", "prop-unknown")
     before = _world(services)
@@ -694,7 +694,7 @@ BAD_BACKUP_FIELDS = {
 @settings(OPS)
 @given(st.lists(st.sampled_from(sorted(BAD_BACKUP_FIELDS)), min_size=1, max_size=3, unique=True), st.data())
 def test_backup_job_refuses_bad_targets_before_any_side_effect(services, instance, tmp_path_factory, fields, draw):
-    from ops_pipeline.resources.backup_store import BackupStore
+    from ops_pipeline.backup.store import BackupStore
     from tests.conftest import make_defs
 
     store_dir = tmp_path_factory.mktemp("store")
@@ -713,7 +713,7 @@ def test_backup_job_refuses_bad_targets_before_any_side_effect(services, instanc
 
 def test_a_bad_database_url_env_of_a_backup_is_named_as_such():
     """Bug: BackupTargetConfig(database_url_env='1X') was reported as "app.database.url_from: 'env:1X' ..."."""
-    from ops_pipeline.ops.backup import BackupTargetConfig, target_spec
+    from ops_pipeline.backup.ops import BackupTargetConfig, target_spec
 
     with pytest.raises(dg.Failure) as err:
         target_spec(BackupTargetConfig(database_url_env="1X"))
@@ -723,7 +723,7 @@ def test_a_bad_database_url_env_of_a_backup_is_named_as_such():
 
 def test_bad_retention_is_refused_before_the_backup_is_taken(services, instance, tmp_path):
     """Bug: the backup job with prune_backups floor: 0 took (and kept) a backup, then failed at prune_backups."""
-    from ops_pipeline.resources.backup_store import BackupStore
+    from ops_pipeline.backup.store import BackupStore
     from tests.conftest import make_defs
 
     job = make_defs(backup_store=BackupStore(local_dir=str(tmp_path / "store"))).get_job_def("backup")
@@ -743,7 +743,7 @@ BAD_RESTORE_FIELDS = {"environment": bad_env_name, "database_url_env": bad_var}
 @given(st.lists(st.sampled_from(sorted(BAD_RESTORE_FIELDS)), min_size=1, max_size=2, unique=True), st.booleans(), st.data())
 def test_restore_database_job_refuses_bad_targets_before_any_side_effect(services, instance, tmp_path_factory, fields,
                                                                          switch_over, draw):
-    from ops_pipeline.resources.backup_store import BackupStore
+    from ops_pipeline.backup.store import BackupStore
     from tests.conftest import make_defs
 
     store_dir = tmp_path_factory.mktemp("store")

@@ -1,4 +1,4 @@
-"""`python -m ops_pipeline.init_spec`: a starting spec from an app folder, valid as written."""
+"""`python -m ops_pipeline.release.init_spec`: a starting spec from an app folder, valid as written."""
 
 import json
 import subprocess
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from ops_pipeline.init_spec import read_app, render_spec
-from ops_pipeline.spec import ReleaseConfig, validate_release_config
+from ops_pipeline.platform.spec import ReleaseConfig, validate_release_config
+from ops_pipeline.release.init_spec import read_app, render_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,12 +54,12 @@ def test_split_variables_knex_and_yarn_are_recognised(tmp_path):
 
 def test_cli_writes_the_file_and_refuses_a_folder_without_package_json(tmp_path):
     out = tmp_path / "spec.yaml"
-    ok = subprocess.run([sys.executable, "-m", "ops_pipeline.init_spec", str(ROOT / "tests" / "fixtures" / "plain-http-app"),
+    ok = subprocess.run([sys.executable, "-m", "ops_pipeline.release.init_spec", str(ROOT / "tests" / "fixtures" / "plain-http-app"),
                          "-e", "qa", "-o", str(out)], capture_output=True, text=True, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     cfg = yaml.safe_load(out.read_text())["ops"]["verify_env"]["config"]
     assert cfg["environment"] == "qa" and cfg["app"]["start"] == "npm start"
     assert validate_release_config(ReleaseConfig(**cfg)) == []
-    bad = subprocess.run([sys.executable, "-m", "ops_pipeline.init_spec", str(tmp_path)], capture_output=True, text=True,
+    bad = subprocess.run([sys.executable, "-m", "ops_pipeline.release.init_spec", str(tmp_path)], capture_output=True, text=True,
                          cwd=ROOT)
     assert bad.returncode == 2 and "has no package.json" in bad.stderr and not bad.stdout

@@ -18,16 +18,16 @@ import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
 
-from ops_pipeline.resources.kubernetes import KubernetesResource
-from ops_pipeline.resources.targets.kubernetes import (
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.targets.base import Artifact, RolloutError
+from ops_pipeline.targets.kubernetes.client import KubernetesResource
+from ops_pipeline.targets.kubernetes.target import (
     CHANGE_CAUSE,
     VERSION_ANNOTATION,
     KubernetesTarget,
     RolloutStatus,
     rollout_status,
 )
-from ops_pipeline.resources.targets.base import Artifact, RolloutError
-from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
 from tests.fake_k8s_apiserver import FakeKubeApiServer
 
 NAMESPACE = "shop"
@@ -227,7 +227,7 @@ def test_fake_apiserver_rejects_a_client_without_the_bearer_token(apiserver: Fak
 
 
 def test_fake_apiserver_undo_without_history_says_so(apiserver: FakeKubeApiServer) -> None:
-    from ops_pipeline.resources.targets.kubernetes import UndoError
+    from ops_pipeline.targets.kubernetes.target import UndoError
 
     with pytest.raises(UndoError, match="no earlier revision to roll back to"):
         k8s_target(apiserver, "v7").undo(lambda _: None)
@@ -290,7 +290,7 @@ def test_rollout_status_follows_kubectl(dep: client.V1Deployment, expected: Roll
 
 
 def test_label_selector_from_match_labels_and_expressions() -> None:
-    from ops_pipeline.resources.targets.kubernetes import _selector
+    from ops_pipeline.targets.kubernetes.target import _selector
 
     dep = client.V1Deployment.from_dict({"spec": {"template": {}, "selector": {
         "matchLabels": {"app": "api"},

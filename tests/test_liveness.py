@@ -12,7 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ops_pipeline import liveness
+from ops_pipeline.release import liveness
 
 BIN = Path(sys.executable).parent
 

@@ -14,7 +14,7 @@ import socket
 import psycopg
 import redis
 
-from ops_pipeline.local_stack import LocalStack, _ephemeral_port_range, free_port
+from ops_pipeline.platform.local_stack import LocalStack, _ephemeral_port_range, free_port
 
 
 def test_free_port_is_below_the_ephemeral_range_and_bindable():

@@ -6,12 +6,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from ops_pipeline import backups
-from ops_pipeline.migration_tables import MigrationsTableError, applied_migrations
-from ops_pipeline.ops.backup import backup_failure
-from ops_pipeline.redaction import Redactor
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.postgres import ConnInfo, DatabaseError, PostgresResource
+from ops_pipeline import backup as backups
+from ops_pipeline.backup.ops import backup_failure
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.migration_tables import MigrationsTableError, applied_migrations
+from ops_pipeline.platform.postgres import ConnInfo, DatabaseError, PostgresResource
+from ops_pipeline.platform.redaction import Redactor
 from tests.conftest import make_defs
 
 PG = PostgresResource()
@@ -171,7 +171,7 @@ def test_a_deterministic_database_error_fails_the_backup_at_once_with_its_cause(
 
 
 def test_only_transient_errors_are_retried(scratch_db):
-    from ops_pipeline.local_stack import free_port
+    from ops_pipeline.platform.local_stack import free_port
 
     red = Redactor()
     with psycopg.connect(scratch_db, autocommit=True) as c:

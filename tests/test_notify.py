@@ -6,7 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dagster as dg
 
-from ops_pipeline.resources.notify import Notifier
+from ops_pipeline.platform.notify import Notifier
 
 
 class SlackStandIn:

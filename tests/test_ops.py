@@ -4,17 +4,17 @@ import dagster as dg
 import psycopg
 import pytest
 
-from ops_pipeline.local_stack import LocalStack
-from ops_pipeline.ops.artifact import build_image
-from ops_pipeline.ops.backup import backup_database
-from ops_pipeline.ops.migrate import MigrationResult, migrate_database
-from ops_pipeline.ops.preflight import verify_env
-from ops_pipeline.ops.tests import run_tests
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.targets.docker_engine import DockerEngine
-from ops_pipeline.resources.postgres import PostgresResource
-from ops_pipeline.resources.redis import RedisResource
-from ops_pipeline.spec import ReleaseConfig
+from ops_pipeline.backup.ops import backup_database
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.local_stack import LocalStack
+from ops_pipeline.platform.postgres import PostgresResource
+from ops_pipeline.platform.redis import RedisResource
+from ops_pipeline.platform.spec import ReleaseConfig
+from ops_pipeline.release.ops.artifact import build_image
+from ops_pipeline.release.ops.migrate import MigrationResult, migrate_database
+from ops_pipeline.release.ops.preflight import verify_env
+from ops_pipeline.release.ops.tests import run_tests
+from ops_pipeline.targets.docker.engine import DockerEngine
 
 
 def resources(**extra):
@@ -121,7 +121,7 @@ def test_backup_and_migrate_ops_on_a_scratch_database(spec, scratch_db, tmp_path
 
 
 def test_migrate_refuses_without_a_verified_backup(spec):
-    from ops_pipeline.resources.targets.base import Artifact
+    from ops_pipeline.targets.base import Artifact
 
     artifact = Artifact(kind="bundle", id="a", ref="/nonexistent", commit="c", dirty=False, content_hash="sha256:0")
     with dg.build_op_context(resources={**resources(), "docker_engine": DockerEngine()}) as ctx, pytest.raises(dg.Failure) as err:
@@ -132,11 +132,11 @@ def test_migrate_refuses_without_a_verified_backup(spec):
 def test_rolling_deploy_and_health_gate_ops(node_app, local_stack, instance, environment_name, pm2_cleanup):
     import httpx
 
-    from ops_pipeline import history
-    from ops_pipeline.local_stack import free_port
-    from ops_pipeline.ops.deploy import rolling_deploy
-    from ops_pipeline.ops.health import health_gate
-    from ops_pipeline.resources.targets import DeployTargets
+    from ops_pipeline.platform import history
+    from ops_pipeline.platform.local_stack import free_port
+    from ops_pipeline.release.ops.deploy import rolling_deploy
+    from ops_pipeline.release.ops.health import health_gate
+    from ops_pipeline.targets.resource import DeployTargets
 
     pm2_cleanup(environment_name)
     port = free_port()

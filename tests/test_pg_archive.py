@@ -4,8 +4,14 @@ import subprocess
 
 import pytest
 
-from ops_pipeline.backups.pg_archive import SECTION_DATA, SECTION_POST_DATA, ArchiveError, ArchiveReader, UnsupportedArchive
-from ops_pipeline.resources.postgres import PostgresResource
+from ops_pipeline.backup.pg_archive import (
+    SECTION_DATA,
+    SECTION_POST_DATA,
+    ArchiveError,
+    ArchiveReader,
+    UnsupportedArchive,
+)
+from ops_pipeline.platform.postgres import PostgresResource
 
 PG = PostgresResource()
 

@@ -1,5 +1,5 @@
-from ops_pipeline.commands import Command, run
-from ops_pipeline.redaction import Redactor, mask_url
+from ops_pipeline.platform.commands import Command, run
+from ops_pipeline.platform.redaction import Redactor, mask_url
 
 
 def test_mask_url_hides_only_the_password():
@@ -30,7 +30,7 @@ def test_command_output_is_redacted_and_secrets_can_be_unset(monkeypatch):
 def test_failing_command_error_names_command_and_keeps_tail():
     import pytest
 
-    from ops_pipeline.commands import CommandError
+    from ops_pipeline.platform.commands import CommandError
 
     with pytest.raises(CommandError) as err:
         run(Command("echo first; echo boom >&2; exit 3", label="demo step"))

@@ -1,4 +1,4 @@
-"""The host relay as its own process: started with `python -m ops_pipeline.resources.targets.relay`, it forwards
+"""The host relay as its own process: started with `python -m ops_pipeline.targets.relay`, it forwards
 bytes both ways, is found again by its pid file, and stops on SIGTERM."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import socketserver
 import threading
 import time
 
-from ops_pipeline.local_stack import free_port
-from ops_pipeline.resources.targets.procs import cmdline
-from ops_pipeline.resources.targets.relay import RELAY_MARK, HostRelays
+from ops_pipeline.platform.local_stack import free_port
+from ops_pipeline.targets.procs import cmdline
+from ops_pipeline.targets.relay import RELAY_MARK, HostRelays
 
 
 class _Echo(socketserver.StreamRequestHandler):
@@ -28,7 +28,7 @@ def test_relay_process_forwards_bytes_and_stops(tmp_path):
     try:
         relays.ensure("127.0.0.1", lport, "127.0.0.1", tport, lines.append)
         pid = relays.alive("127.0.0.1", lport)
-        assert pid and RELAY_MARK in cmdline(pid) and "-m ops_pipeline.resources.targets.relay" in cmdline(pid)
+        assert pid and RELAY_MARK in cmdline(pid) and "-m ops_pipeline.targets.relay" in cmdline(pid)
         assert lines == [f"host relay 127.0.0.1:{lport} -> 127.0.0.1:{tport} started (pid {pid})"]
         relays.ensure("127.0.0.1", lport, "127.0.0.1", tport, lines.append)  # already running: nothing started
         assert len(lines) == 1

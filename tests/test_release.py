@@ -8,10 +8,10 @@ import httpx
 import psycopg
 import pytest
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import free_port
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.postgres import PostgresResource
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
+from ops_pipeline.platform.postgres import PostgresResource
 from tests import app_variants
 from tests.conftest import make_defs, release_run_config
 
@@ -31,7 +31,7 @@ def pm2_versions(env: str, state_dir: Path) -> list[str]:
     import os
     import subprocess
 
-    from ops_pipeline.paths import project_root
+    from ops_pipeline.platform.paths import project_root
 
     out = subprocess.run([str(project_root() / "tools/node_modules/.bin/pm2"), "jlist"], capture_output=True, text=True,
                          env={**os.environ, "PM2_HOME": str(state_dir / "envs" / env / "pm2")}).stdout

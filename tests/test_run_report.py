@@ -1,4 +1,4 @@
-"""The account `make demo` / `make release` ... print (ops_pipeline/run_report.py), read from the Dagster instance."""
+"""The account `make demo` / `make release` ... print (ops_pipeline/platform/run_report.py), read from the Dagster instance."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import dagster as dg
 import yaml
 
-from ops_pipeline import run_report
+from ops_pipeline.platform import run_report
 from tests.conftest import ROOT
 
 
@@ -69,7 +69,7 @@ def test_launch_runs_dg_with_the_log_in_a_file_and_prints_the_account(tmp_path):
     config.write_text(yaml.safe_dump(cfg))
     log = tmp_path / "release.log"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "JWT_SECRET", "NODE_ENV")}
-    out = subprocess.run([sys.executable, "-m", "ops_pipeline.run_report", "launch", "release", str(config), "--log",
+    out = subprocess.run([sys.executable, "-m", "ops_pipeline.platform.run_report", "launch", "release", str(config), "--log",
                           str(log)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 1, out.stdout + out.stderr
     lines = out.stdout.splitlines()
@@ -91,7 +91,7 @@ def test_launch_without_a_run_shows_the_end_of_the_log(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("ops: {verify_env: {config: {no_such_field: 1}}}\n")
     log = tmp_path / "bad.log"
-    out = subprocess.run([sys.executable, "-m", "ops_pipeline.run_report", "launch", "release", str(bad), "--log",
+    out = subprocess.run([sys.executable, "-m", "ops_pipeline.platform.run_report", "launch", "release", str(bad), "--log",
                           str(log)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert "release: no run was started (dg exited with" in out.stdout and "no_such_field" in out.stdout

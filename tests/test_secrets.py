@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ops_pipeline.local_stack import free_port
-from ops_pipeline.resources.backup_store import BackupStore
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.local_stack import free_port
 from tests.conftest import make_defs, release_run_config
 
 JWT = "jwt-CANARY-7f3a9c2e4b1d8a6f0c5e9b2d4a7f1c3e"
@@ -72,7 +72,7 @@ def test_no_secret_reaches_the_instance(node_app, app_variant, services, instanc
     assert any(root.rglob("*.db")), "no instance storage found to search"
     assert hits(root, needles) == {}
     # Our own files beside PM2 (its app definitions) carry no secrets either.
-    from ops_pipeline.paths import environment_dir
+    from ops_pipeline.platform.paths import environment_dir
 
     assert hits(environment_dir(environment_name) / "pm2-apps", needles) == {}
 

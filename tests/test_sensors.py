@@ -7,11 +7,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import dagster as dg
 import pytest
 
-from ops_pipeline import history
-from ops_pipeline.resources.health import HttpProber
-from ops_pipeline.resources.targets import DeployTargets
-from ops_pipeline.sensors import evaluate_environment, health_watch, rollback_on_release_failure
-from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.platform import history
+from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.release.sensors import evaluate_environment, health_watch, rollback_on_release_failure
+from ops_pipeline.targets.resource import DeployTargets
 
 
 class FakeService:
@@ -76,7 +76,7 @@ def test_healthy_service_requests_nothing_and_keeps_a_cursor(instance, service):
 
 
 def test_three_consecutive_failures_request_exactly_one_rollback_keyed_on_env_and_bad_version(instance, service, monkeypatch):
-    import ops_pipeline.sensors as sensors
+    import ops_pipeline.release.sensors as sensors
 
     monkeypatch.setattr(sensors, "PROBE_INTERVAL_S", 0.05)
     released_twice(instance, "prod", service.port)
@@ -196,7 +196,7 @@ def test_release_failure_sensor_rolls_back_only_after_deploy_started(instance, s
 def test_release_failure_sensor_acts_only_on_the_release_job(instance):
     """It watches every code location (a `dagster job execute` release has its own), so the job name decides:
     a rollback (or any other job) failing at the same step requests nothing."""
-    from ops_pipeline.jobs import rollback
+    from ops_pipeline.release.jobs import rollback
 
     assert rollback_on_release_failure.job.name == rollback.name
     for job_name in ("rollback", "backup"):
@@ -214,7 +214,7 @@ def test_release_failure_sensor_acts_only_on_the_release_job(instance):
 def test_all_environments_are_probed_at_the_same_time_with_a_readable_note_and_a_small_cursor(instance):
     import time as _time
 
-    from ops_pipeline.sensors import SharedClientProber, tick_note, watch_tick
+    from ops_pipeline.release.sensors import SharedClientProber, tick_note, watch_tick
 
     services = [FakeService() for _ in range(12)]
     try:
@@ -241,7 +241,7 @@ def test_all_environments_are_probed_at_the_same_time_with_a_readable_note_and_a
 
 
 def test_the_note_names_at_most_twenty_environments():
-    from ops_pipeline.sensors import tick_note
+    from ops_pipeline.release.sensors import tick_note
 
     outcomes = [(f"e{i}", "failing", f"e{i}: 1 consecutive failed probe(s), below threshold 3") for i in range(30)]
     outcomes += [(f"h{i}", "healthy", f"h{i}: v1 healthy") for i in range(20)]
@@ -323,7 +323,7 @@ def test_a_live_release_run_still_blocks_the_rollback(instance, service):
                                                     (("verify_env", "run_tests"), False)])
 def test_a_release_that_died_in_its_deploy_gets_a_rollback_from_the_release_failure_sensor(instance, steps,
                                                                                           expect_rollback):
-    from ops_pipeline.sensors import run_liveness
+    from ops_pipeline.release.sensors import run_liveness
 
     run = started_release(instance, "prod", dead_pid(), steps=steps)
     out = run_liveness(dg.build_sensor_context(instance=instance))

@@ -3,7 +3,7 @@
 import dagster as dg
 import pytest
 
-from ops_pipeline.spec import ReleaseConfig, ReleaseSpec, validate_release_config
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec, validate_release_config
 
 
 def problems(**kwargs) -> list[str]:
@@ -83,7 +83,7 @@ def test_presets_are_valid_release_configs(preset):
 
     import yaml
 
-    from ops_pipeline.jobs import release
+    from ops_pipeline.release.jobs import release
 
     path = Path(__file__).resolve().parents[1] / "presets" / f"{preset}.yaml"
     run_config = yaml.safe_load(path.read_text())
@@ -93,7 +93,7 @@ def test_presets_are_valid_release_configs(preset):
 
 
 def test_schedule_settings_are_validated_naming_the_variable(monkeypatch):
-    from ops_pipeline.schedules import ScheduleSettingsError, build_schedules
+    from ops_pipeline.backup.schedules import ScheduleSettingsError, build_schedules
 
     monkeypatch.setenv("OPS_TIMEZONE", "Mars/Olympus_Mons")
     with pytest.raises(ScheduleSettingsError, match="OPS_TIMEZONE"):

@@ -1,4 +1,4 @@
-"""`make status` / `make down` (python -m ops_pipeline.status): every environment of the state folder, real files in a
+"""`make status` / `make down` (python -m ops_pipeline.release.status): every environment of the state folder, real files in a
 temporary state folder, a real HTTP health endpoint, a real Dagster instance holding the release history, real
 processes stopped by `--down`."""
 
@@ -15,15 +15,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import dagster as dg
 import pytest
 
-from ops_pipeline import history, status
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
+from ops_pipeline.release import status
 from tests.conftest import ROOT
 
 PM2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
 
 
 def status_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops_pipeline.status", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "ops_pipeline.release.status", *args], cwd=ROOT, capture_output=True, text=True,
                           env=os.environ.copy(), timeout=120)
 
 
@@ -106,7 +107,7 @@ def test_status_with_no_environment_says_where_it_looked(state):
 
 
 def test_status_cli_all_and_one(state, health_server, tmp_path, monkeypatch):
-    """`python -m ops_pipeline.status` with no name shows all; with a name, one (the Makefile's ENVIRONMENT)."""
+    """`python -m ops_pipeline.release.status` with no name shows all; with a name, one (the Makefile's ENVIRONMENT)."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))

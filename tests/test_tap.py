@@ -7,9 +7,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from ops_pipeline.ops.tests import parse_tap, run_tests
-from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
-from ops_pipeline.test_reports import parse_jest, parse_junit_xml, parse_mocha, parse_node_spec, read_report
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.release.ops.tests import parse_tap, run_tests
+from ops_pipeline.release.test_reports import parse_jest, parse_junit_xml, parse_mocha, parse_node_spec, read_report
 
 NODE_TAP = """TAP version 13
 # Subtest: config validation

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform.local_stack import free_port
 from tests.compose.conftest import ROOT, run_script, tail
 
 COMPOSE_FILE = ROOT / "docker-compose.yml"

@@ -137,10 +137,10 @@ def docker_run_config(app_dir: Path, environment: str, *, version: str, port: in
 
 
 def docker_target_for(environment: str, port: int, app_dir: Path | str = ""):
-    from ops_pipeline.resources.health import HttpProber
-    from ops_pipeline.resources.targets.docker import DockerTarget
-    from ops_pipeline.resources.targets.docker_engine import DockerEngine
-    from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
+    from ops_pipeline.platform.prober import HttpProber
+    from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+    from ops_pipeline.targets.docker.engine import DockerEngine
+    from ops_pipeline.targets.docker.target import DockerTarget
 
     cfg = ReleaseConfig(environment=environment, app={"path": str(app_dir or ROOT)},
                         target={**docker_target_config(), "port": port, "instances": 3})
@@ -149,8 +149,8 @@ def docker_target_for(environment: str, port: int, app_dir: Path | str = ""):
 
 
 def _environment(name: str, backups: Path):
-    from ops_pipeline.local_stack import free_port
-    from ops_pipeline.resources.backup_store import BackupStore
+    from ops_pipeline.backup.store import BackupStore
+    from ops_pipeline.platform.local_stack import free_port
 
     defs = make_defs(backup_store=BackupStore(local_dir=str(backups)))
     port = free_port()

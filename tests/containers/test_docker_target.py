@@ -11,17 +11,11 @@ import httpx
 import pytest
 
 import docker
-from ops_pipeline.local_stack import free_port
-from ops_pipeline.resources.targets.docker_engine import DockerEngine
-from ops_pipeline.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.platform.local_stack import free_port
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.targets.docker.engine import DockerEngine
 from tests import app_variants
-from tests.containers.conftest import (
-    BASE_IMAGE,
-    REPOSITORY,
-    SteadyLoad,
-    docker_run_config,
-    docker_target_config,
-)
+from tests.containers.conftest import BASE_IMAGE, REPOSITORY, SteadyLoad, docker_run_config, docker_target_config
 
 pytestmark = [pytest.mark.containers, pytest.mark.xdist_group("engine")]
 
@@ -165,8 +159,8 @@ def test_image_build_push_and_pull_by_digest(container_engine, container_variant
           f"pulled by digest in {pull_s:.1f} s")
 
     # one-off containers of the image (the migration path): output streamed, failures raise CommandError
-    from ops_pipeline.commands import CommandError
-    from ops_pipeline.redaction import Redactor
+    from ops_pipeline.platform.commands import CommandError
+    from ops_pipeline.platform.redaction import Redactor
 
     out: list[str] = []
     secret = "s3cr3t-value-for-redaction"
@@ -308,7 +302,7 @@ def test_never_healthy_version_leaves_old_replicas_serving(container_engine, con
 
 
 def test_loopback_urls_are_rewritten_to_the_network_gateway():
-    from ops_pipeline.resources.targets.docker import loopback_to_gateway
+    from ops_pipeline.targets.docker.target import loopback_to_gateway
 
     env, endpoints, names = loopback_to_gateway({
         "DATABASE_URL": "postgresql://app:pw%2Fx@127.0.0.1:5433/app?sslmode=disable",
@@ -327,7 +321,7 @@ def test_loopback_urls_are_rewritten_to_the_network_gateway():
 
 def test_nginx_keeps_idle_keepalive_connections_through_reloads_where_it_can(tmp_path):
     """keepalive_min_timeout exists from nginx 1.27.4 on; older versions (Debian 12: 1.22) reject it."""
-    from ops_pipeline.resources.targets.nginx import HostNginx
+    from ops_pipeline.targets.nginx import HostNginx
 
     lb = HostNginx(tmp_path, "127.0.0.1", 8080, 30, "test")
     assert lb.version >= (1, 18)  # read from the real `nginx -v`
@@ -337,7 +331,7 @@ def test_nginx_keeps_idle_keepalive_connections_through_reloads_where_it_can(tmp
 
 
 def test_build_step_lines_of_podman_and_docker_are_recognised():
-    from ops_pipeline.resources.targets.docker_engine import _STEP, image_tag, repository_registry
+    from ops_pipeline.targets.docker.engine import _STEP, image_tag, repository_registry
 
     m = _STEP.match("[1/2] STEP 4/8: RUN npm ci --no-audit --no-fund")
     assert (m["stage"], m["n"], m["m"], m["what"]) == ("1/2", "4", "8", "RUN npm ci --no-audit --no-fund")

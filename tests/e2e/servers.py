@@ -17,7 +17,7 @@ from pathlib import Path
 import dagster as dg
 import httpx
 
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform.local_stack import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

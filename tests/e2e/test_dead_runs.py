@@ -12,7 +12,7 @@ import time
 import dagster as dg
 import pytest
 
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform.local_stack import free_port
 from tests import app_variants
 from tests.conftest import release_run_config
 from tests.e2e.servers import BIN, ROOT
@@ -46,7 +46,7 @@ def release_v1(stack, node_app, env, port):
 
 def cli_release_in_its_gate(stack, app, env, port, tmp_path, after_run_id):
     """`dagster job execute` of a v2 release whose gate lasts minutes; returns (process, run) once in health_gate."""
-    from ops_pipeline import liveness
+    from ops_pipeline.release import liveness
 
     config = tmp_path / "release.yaml"
     config.write_text(json.dumps(release_run_config(app, env, version="v2", port=port, fast=True, instances=1,

@@ -6,8 +6,8 @@ import time
 import httpx
 import pytest
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
 from tests import app_variants
 from tests.conftest import release_run_config
 

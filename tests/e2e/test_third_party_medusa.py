@@ -21,10 +21,10 @@ import psycopg
 import pytest
 import yaml
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
 from tests import pg15
-from tests.conftest import ROOT, _STATE
+from tests.conftest import _STATE, ROOT
 from tests.e2e.test_rollback_daemon import rollbacks, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemon")]

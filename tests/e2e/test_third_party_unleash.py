@@ -17,9 +17,9 @@ import psycopg
 import pytest
 import yaml
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import LocalStack, free_port
-from tests.conftest import ROOT, _STATE
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import LocalStack, free_port
+from tests.conftest import _STATE, ROOT
 from tests.e2e.test_rollback_daemon import rollbacks, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemon")]

@@ -24,8 +24,8 @@ import httpx
 import pytest
 import yaml
 
-from ops_pipeline import history
-from ops_pipeline.local_stack import free_port
+from ops_pipeline.platform import history
+from ops_pipeline.platform.local_stack import free_port
 from tests.conftest import ROOT, release_run_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.xdist_group("daemon")]

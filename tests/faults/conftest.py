@@ -13,10 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ops_pipeline.local_stack import LocalStack, free_port
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.postgres import PostgresResource
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform.local_stack import LocalStack, free_port
+from ops_pipeline.platform.postgres import PostgresResource
 from tests.conftest import ROOT, make_defs, release_run_config
+
 
 @pytest.fixture
 def report():
@@ -59,7 +60,7 @@ def fault_store(state_dir) -> BackupStore:
 @pytest.fixture
 def verified_backups(fault_env, fault_store):
     """Every verified backup in the fault store before the fault; `check()` proves each one still verifies afterwards."""
-    from ops_pipeline import backups
+    from ops_pipeline import backup as backups
 
     url = fault_env.services().database_url
     if not fault_store.manifests("faults/app"):

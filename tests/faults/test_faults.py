@@ -9,14 +9,15 @@ import threading
 import time
 from pathlib import Path
 
-import psycopg
 import psutil
+import psycopg
 import pytest
 import yaml
 
-from ops_pipeline import backups, history
-from ops_pipeline.resources.backup_store import BackupStore
-from ops_pipeline.resources.postgres import PostgresResource
+from ops_pipeline import backup as backups
+from ops_pipeline.backup.store import BackupStore
+from ops_pipeline.platform import history
+from ops_pipeline.platform.postgres import PostgresResource
 from tests import app_variants
 from tests.conftest import ROOT, make_defs
 from tests.faults.conftest import failure
@@ -95,7 +96,7 @@ def releaser_url() -> str:
 
 
 def fault_stack():
-    from ops_pipeline.local_stack import LocalStack
+    from ops_pipeline.platform.local_stack import LocalStack
 
     return LocalStack(state_dir=str(Path(os.environ["OPS_STATE_DIR"]) / "fault-stack"))
 
@@ -277,7 +278,7 @@ def test_dagster_run_process_killed_mid_deploy(node_app, releaser, verified_back
     defs_file = tmp_path / "defs.py"
     defs_file.write_text(
         "import dagster as dg\nfrom ops_pipeline import definitions\n"
-        "from ops_pipeline.resources.backup_store import BackupStore\n"
+        "from ops_pipeline.backup.store import BackupStore\n"
         f"resources = {{**definitions.build_resources(), 'backup_store': BackupStore(local_dir={releaser.store.local_dir!r})}}\n"
         "defs = dg.Definitions(jobs=definitions.defs.jobs, resources=resources)\n")
     # `dg launch` executes the run in its own process (it calls `dagster job execute`): killed, the run stays STARTED

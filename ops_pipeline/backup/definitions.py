@@ -1,0 +1,8 @@
+"""The backup domain: backup, restore drill and restore jobs, and their schedules."""
+
+import dagster as dg
+
+from ops_pipeline.backup.jobs import backup, restore_database_job, restore_drill_job
+from ops_pipeline.backup.schedules import build_schedules
+
+defs = dg.Definitions(jobs=[backup, restore_drill_job, restore_database_job], schedules=build_schedules())

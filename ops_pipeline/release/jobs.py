@@ -1,0 +1,56 @@
+"""The jobs: graphs of ops, nothing else.
+
+Executors are chosen per job. Every job here is a chain of dependent steps, so nothing runs in parallel
+anyway, and the in-process executor spares the process-per-step start-up (measured: 12 s of overhead on
+7 no-op steps with the multiprocess executor, 0.03 s in-process). It also keeps one set of resources for
+the whole run, so the environment's release lock is held from migration to the end of the health gate.
+"""
+
+import dagster as dg
+
+from ops_pipeline.backup.ops import backup_database
+from ops_pipeline.platform.hooks import announce_failure
+from ops_pipeline.release.ops.artifact import build_image
+from ops_pipeline.release.ops.deploy import rolling_deploy
+from ops_pipeline.release.ops.health import health_gate
+from ops_pipeline.release.ops.migrate import migrate_database
+from ops_pipeline.release.ops.preflight import verify_env
+from ops_pipeline.release.ops.rollback import plan_rollback, rollback_deploy, rollback_gate
+from ops_pipeline.release.ops.tests import run_tests
+
+RELEASE_TAGS = {"ops/kind": "release", "dagster/max_retries": "0"}
+ROLLBACK_TAGS = {"ops/kind": "rollback", "dagster/priority": "10", "dagster/max_retries": "0"}
+
+
+@dg.job(
+    description=(
+        "Releases the service to one environment: verify env -> test -> build artifact -> back up the database -> "
+        "migrate -> rolling deploy -> health gate. Each step runs only if the previous one succeeded: no verified "
+        "backup, no migration; a failed migration, no deploy. A release that passes its gate joins the release history."
+    ),
+    executor_def=dg.in_process_executor,
+    tags=RELEASE_TAGS,
+    hooks={announce_failure},
+)
+def release():
+    spec = verify_env()
+    tested = run_tests(spec)
+    artifact = build_image(tested)
+    backup = backup_database(tested, start_after=artifact)
+    migration = migrate_database(tested, artifact, backup)
+    deployment = rolling_deploy(tested, artifact, migration)
+    health_gate(tested, deployment)
+
+
+@dg.job(
+    description=(
+        "Redeploys the last known-good version of an environment (or an explicit target_version) through the same "
+        "target and rolling procedure, then the same health gate. App only: when the bad release applied migrations "
+        "the run points at the pre-migration backup and the restore_database job, and never restores by itself."
+    ),
+    executor_def=dg.in_process_executor,
+    tags=ROLLBACK_TAGS,
+    hooks={announce_failure},
+)
+def rollback():
+    rollback_gate(rollback_deploy(plan_rollback()))

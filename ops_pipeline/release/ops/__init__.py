@@ -1,0 +1,1 @@
+"""One module per stage of a release (preflight, tests, artifact, migrate, deploy, health) and of a rollback."""

@@ -1,0 +1,176 @@
+"""Rollback: the last known-good version back, through the same target, procedure and health gate."""
+
+import dagster as dg
+from pydantic import Field
+
+from ops_pipeline.platform import history
+from ops_pipeline.platform.app_env import resolve_app_env
+from ops_pipeline.platform.failures import failure
+from ops_pipeline.platform.local_stack import LocalStack
+from ops_pipeline.platform.notify import Notifier
+from ops_pipeline.platform.postgres import PostgresResource
+from ops_pipeline.platform.spec import ENV_NAME, ReleaseSpec
+from ops_pipeline.release.ops.deploy import rollout_metadata
+from ops_pipeline.release.ops.health import run_gate
+from ops_pipeline.release.ops.migrate import take_environment_lock
+from ops_pipeline.targets.base import Artifact, RolloutError
+from ops_pipeline.targets.resource import DeployTargets
+
+
+class RollbackConfig(dg.Config):
+    """Which environment to roll back, and optionally to which version."""
+
+    environment: str = Field("local", description="Environment to roll back.")
+    target_version: str = Field("", description="Version to roll back to (empty: the last known-good version).")
+    bad_version: str = Field("", description="Version being rolled back (empty: whatever is serving).")
+    reason: str = Field("manual rollback", description="Why; recorded in the release history and announced.")
+    force: bool = Field(False, description="Allow a target_version that is marked bad.")
+
+
+@dg.op(
+    description=(
+        "Decides the rollback from the release history: the version to remove (serving now) and the last known-good "
+        "version to restore (never one marked bad). Lists migrations the bad release applied and points at the "
+        "pre-migration backup and the restore_database job; it never restores the database itself."
+    ),
+    tags={"stage": "rollback"},
+)
+def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy_targets: DeployTargets,
+                  notifier: Notifier) -> dict:
+    if not ENV_NAME.match(config.environment or ""):
+        raise failure(f"environment: {config.environment!r} is not a valid environment name")
+    hist = history.load(context.instance, config.environment)
+    if not hist.events:
+        raise failure(f"environment: no release history for '{config.environment}' (unknown environment?)")
+    # What is serving, read from the runtime (the record may lag behind a crashed release).
+    newest_spec = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
+    serving_versions: set[str] = set()
+    if newest_spec:
+        probe_spec = ReleaseSpec.from_json(newest_spec)
+        try:
+            target = deploy_targets.for_spec(probe_spec)
+            serving_versions = target.serving_versions()
+        except Exception as exc:  # noqa: BLE001 - reported, the plan continues from the record
+            context.log.warning(f"could not read the serving state from the target: {type(exc).__name__}: {exc}")
+    recorded = hist.serving_version
+    if len(serving_versions) > 1:
+        context.log.warning(f"inconsistent state: {', '.join(sorted(serving_versions))} are all serving "
+                            f"'{config.environment}' (an interrupted rollout?); the rollback replaces every instance")
+    if config.bad_version:
+        bad = config.bad_version
+    elif not serving_versions:
+        bad = ""  # nothing serves (e.g. the process manager lost its processes): restore the last good version
+        context.log.warning(f"nothing is serving '{config.environment}' according to the target")
+    else:
+        unrecorded = sorted(v for v in serving_versions if v != recorded or v in hist.bad_versions)
+        bad = unrecorded[0] if unrecorded else (recorded or "")
+    if config.target_version:
+        good = hist.release_of(config.target_version)
+        if not good:
+            raise failure(f"target_version: {config.target_version!r} was never released to '{config.environment}'")
+        if config.target_version in hist.bad_versions and not config.force:
+            raise failure(f"target_version: {config.target_version} is marked bad; set force: true to use it anyway")
+    else:
+        good = hist.last_good(exclude={bad} if bad else None)
+        if not good:
+            raise failure(f"no known-good version of '{config.environment}' to roll back to "
+                             f"(history: {'; '.join(hist.summary(5))})")
+    noop = serving_versions == {good.version}
+    bad_record = hist.release_of(bad) if bad else None
+    bad_events = [e for e in hist.events if e.version == bad]
+    migrations = next((e.get("migrations") for e in bad_events if e.get("migrations")), []) or []
+    backup_id = next((e.get("backup_id") for e in bad_events if e.get("backup_id")), "") or ""
+    plan = {
+        "environment": config.environment,
+        "bad_version": bad,
+        "target_version": good.version,
+        "target_spec": history.spec_json(good),
+        "target_artifact": good.get("artifact"),
+        "serving_before": sorted(serving_versions),
+        "reason": config.reason,
+        "noop": noop,
+        "bad_release_migrations": migrations,
+        "pre_migration_backup": backup_id,
+        "bad_was_recorded_serving": bool(bad_record),
+    }
+    if migrations:
+        context.log.warning(
+            f"{bad} applied migrations {', '.join(migrations)}; this rollback restores the app only. If the schema change "
+            f"is not backward compatible, restore the pre-migration backup {backup_id or '(unknown)'} with the "
+            f"restore_database job (backup_id: {backup_id}) after reviewing the data-loss window. Nothing is restored automatically."
+        )
+    if noop:
+        context.log.info(f"{good.version} is already what serves '{config.environment}'; nothing to roll back")
+    else:
+        notifier.announce(context.log, f":rewind: rollback of {config.environment} started: {bad or '?'} -> {good.version} "
+                                       f"({config.reason})", level="warning")
+    context.add_output_metadata({
+        "environment": config.environment,
+        "from_version": bad or "unknown",
+        "to_version": good.version,
+        "serving_before": dg.MetadataValue.json(sorted(serving_versions)),
+        "noop": noop,
+        "bad_release_migrations": dg.MetadataValue.json(migrations),
+        "pre_migration_backup": backup_id or "none",
+    })
+    return plan
+
+
+@dg.op(
+    description="Redeploys the rollback target through the same target and rolling procedure, built for speed: the "
+                "last good release's artifact is kept ready (no rebuild) and every new instance starts at once; an old "
+                "instance leaves only when a new one is healthy, so no request is dropped.",
+    tags={"stage": "rollback"},
+)
+def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: LocalStack, postgres: PostgresResource,
+                    deploy_targets: DeployTargets) -> dict:
+    if plan["noop"]:
+        return {**plan, "rollout": None}
+    spec = ReleaseSpec.from_json(plan["target_spec"], version=plan["target_version"])
+    env = resolve_app_env(spec.config, local_stack)
+    take_environment_lock(context, spec, postgres, env.database_url)
+    target = deploy_targets.for_spec(spec, env.redactor)
+    artifact = Artifact.from_json(plan["target_artifact"])
+    try:
+        report = target.rollout(artifact, spec.version, env.for_process(), context.log.info, surge_all=True)
+    except RolloutError as exc:
+        context.log_event(history.materialization(
+            spec.environment, history.ROLLBACK_FAILED, spec.version, run_id=context.run_id, from_version=plan["bad_version"],
+            reason=env.redactor(str(exc))[:2000], stage="rollback_deploy"))
+        raise failure(f"rollback to {spec.version} failed: {env.redactor(str(exc))}",
+                         metadata=rollout_metadata(exc.report, target)) from None
+    context.add_output_metadata(rollout_metadata(report, target))
+    return {**plan, "rollout": report.to_json()}
+
+
+@dg.op(
+    description="The same health gate as a release, for the restored version; then the history records the rollback "
+                "(the removed version is marked bad) and the rollback is announced.",
+    tags={"stage": "rollback"},
+)
+def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: LocalStack, deploy_targets: DeployTargets,
+                  notifier: Notifier) -> dict:
+    spec = ReleaseSpec.from_json(deployed["target_spec"], version=deployed["target_version"])
+    env = resolve_app_env(spec.config, local_stack)
+    target = deploy_targets.for_spec(spec, env.redactor)
+    ok, evidence, _ = run_gate(spec, spec.version, deploy_targets.prober, target, context.log.info)
+    if not ok:
+        context.log_event(history.materialization(
+            spec.environment, history.ROLLBACK_FAILED, spec.version, run_id=context.run_id, from_version=deployed["bad_version"],
+            reason="health gate failed after rollback", gate=evidence, stage="rollback_gate"))
+        notifier.announce(context.log, f":x: rollback of {spec.environment} to {spec.version} FAILED its health gate", level="error")
+        raise failure("rollback health gate failed. Last answers:\n" + "\n".join(evidence["last_answers"]))
+    if not deployed["noop"] or deployed["bad_version"] != spec.version:
+        context.log_event(history.materialization(
+            spec.environment, history.ROLLED_BACK, spec.version, run_id=context.run_id, url=spec.public_url,
+            description=f"rolled back {deployed['bad_version'] or '?'} -> {spec.version}: {deployed['reason']}",
+            from_version=deployed["bad_version"] if deployed["bad_version"] != spec.version else None,
+            reason=deployed["reason"], artifact=deployed["target_artifact"], spec=deployed["target_spec"], gate=evidence,
+            migrations_left_in_place=deployed["bad_release_migrations"], pre_migration_backup=deployed["pre_migration_backup"],
+        ))
+    if not deployed["noop"]:
+        notifier.announce(context.log, f":white_check_mark: rollback of {spec.environment} finished: {spec.version} serving "
+                                       f"(p95 {evidence['p95_ms']} ms)")
+    context.add_output_metadata({"version": spec.version, "probes": evidence["probes"], "p95_ms": evidence["p95_ms"],
+                                 "deployed_url": dg.MetadataValue.url(spec.public_url)})
+    return {"version": spec.version, "gate": evidence}

@@ -1,0 +1,339 @@
+"""Sensors that roll a bad release back: a health watch over every released environment, release failures, and
+dead runs swept so they never block either.
+
+The sensor daemon evaluates a sensor about every 5 s whatever its interval says, so the health watch
+probes several times per evaluation (default 5 probes 1 s apart, so evaluations follow each other with no
+gap) and keeps consecutive failures in its JSON cursor across evaluations: three failed probes in a row (never a single blip) request one rollback
+per incident, keyed on environment + bad version.
+
+Every environment is probed at the same time (one thread each, up to OPS_HEALTH_MAX_PARALLEL, all through one
+HTTP client with a bounded number of connections, a fresh connection per probe), so an evaluation lasts about
+probes x interval whatever the number of environments (bench/health_watch.py). Its cursor keeps a few numbers per
+environment; its note is one summary line plus the environments that are not healthy.
+
+A run of an environment that is in progress blocks the health watch's rollback, unless its process is dead
+(ops_pipeline/release/liveness.py): then it is marked failed and the rollback goes ahead. `run_liveness` sweeps every
+in-progress run of this project's jobs on its own, so a dead one never keeps the queue blocked.
+
+Settings (environment, read at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
+OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0), OPS_HEALTH_MAX_PARALLEL (64).
+"""
+
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import dagster as dg
+
+from ops_pipeline.backup.jobs import backup, restore_database_job, restore_drill_job
+from ops_pipeline.platform import history
+from ops_pipeline.platform.prober import HttpProber, Probe
+from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.release import liveness
+from ops_pipeline.release.jobs import release, rollback
+from ops_pipeline.targets.resource import DeployTargets
+
+ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+          dg.DagsterRunStatus.STARTED]
+DEPLOY_STEPS = {"rolling_deploy", "health_gate"}
+RELEASE_FAILURE_GRACE_S = 60
+
+
+def _setting(name: str, default: float, minimum: float) -> float:
+    raw = os.environ.get(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: {raw!r} is not a number") from None
+    if value < minimum:
+        raise ValueError(f"{name}: must be >= {minimum} (got {value})")
+    return value
+
+
+THRESHOLD = int(_setting("OPS_HEALTH_FAILURE_THRESHOLD", 3, 1))
+PROBES_PER_TICK = int(_setting("OPS_HEALTH_PROBES_PER_TICK", 5, 1))
+PROBE_INTERVAL_S = _setting("OPS_HEALTH_PROBE_INTERVAL_S", 1.0, 0.05)
+PROBE_TIMEOUT_S = _setting("OPS_HEALTH_PROBE_TIMEOUT_S", 2.0, 0.1)
+MAX_PARALLEL = int(_setting("OPS_HEALTH_MAX_PARALLEL", 64, 1))
+NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
+PROJECT_JOBS = {release.name, rollback.name, backup.name, restore_drill_job.name, restore_database_job.name}
+
+
+class SharedClientProber:
+    """HttpProber.probe through one shared client for a whole evaluation (250 probes at 50 environments)."""
+
+    def __init__(self, prober: HttpProber, max_connections: int = MAX_PARALLEL) -> None:
+        self.prober = prober
+        self.user_agent = prober.user_agent
+        self.client = prober.shared_client(max_connections)
+
+    def probe(self, url: str, timeout_s: float = 5.0, version_from: str = "json:version") -> Probe:
+        return self.prober.probe(url, timeout_s=timeout_s, version_from=version_from, client=self.client)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def active_runs(instance: dg.DagsterInstance, environment: str) -> list:
+    return list(instance.get_runs(filters=dg.RunsFilter(tags={"ops/environment": environment}, statuses=ACTIVE), limit=5))
+
+
+def rollback_request(environment: str, bad_version: str, reason: str, run_key: str, trigger: str) -> dg.RunRequest:
+    return dg.RunRequest(
+        run_key=run_key,
+        run_config={"ops": {"plan_rollback": {"config": {"environment": environment, "bad_version": bad_version,
+                                                         "reason": reason}}}},
+        tags={"ops/environment": environment, "ops/trigger": trigger, "ops/bad_version": bad_version},
+    )
+
+
+def evaluate_environment(environment: str, state: dict, hist: history.EnvironmentHistory, prober: HttpProber,
+                         instance: dg.DagsterInstance, *, threshold: int = THRESHOLD, probes: int = PROBES_PER_TICK,
+                         interval_s: float = PROBE_INTERVAL_S, timeout_s: float = PROBE_TIMEOUT_S,
+                         deadline: float | None = None, log=None) -> tuple[dict, dg.RunRequest | None, str]:
+    """Probe one environment; returns (new state, run request or None, note). `deadline` (time.monotonic()) bounds
+    the probing: no probe starts after it, but one probe always happens."""
+    serving = hist.serving_version
+    record = hist.release_of(serving) if serving else None
+    recorded = history.spec_json(record) if record else None
+    if not recorded:
+        return {}, None, f"{environment}: nothing released yet"
+    spec = ReleaseSpec.from_json(recorded)
+    url = spec.health_url
+    if state.get("serving") != serving:
+        state = {"serving": serving, "failures": 0}
+    for i in range(probes):
+        p = prober.probe(url, timeout_s=timeout_s, version_from=spec.app.health_version)
+        state["probes"] = state.get("probes", 0) + 1
+        if p.ok:
+            if state.get("failures"):
+                state["recovered_at"] = round(time.time(), 1)
+            state["failures"] = 0
+            for key in ("first_failure_at", "last_error", "bad_version"):
+                state.pop(key, None)
+            state["last_ok"] = p.version
+        else:
+            state["failures"] = state.get("failures", 0) + 1
+            state.setdefault("first_failure_at", round(time.time(), 1))
+            state["bad_version"] = p.version or serving
+            state["last_error"] = p.summary()[:200]
+            if state["failures"] >= threshold:
+                break
+        if i + 1 < probes:
+            if deadline is not None and time.monotonic() + interval_s > deadline:
+                break
+            time.sleep(interval_s)
+    if state.get("failures", 0) < threshold:
+        return state, None, f"{environment}: {serving} healthy" if not state.get("failures") else \
+            f"{environment}: {state['failures']} consecutive failed probe(s), below threshold {threshold}"
+    bad = state.get("bad_version") or serving
+    latest = hist.latest()
+    if (latest is not None and latest.event == history.RELEASE_FAILED and latest.version == bad
+            and time.time() - latest.timestamp < RELEASE_FAILURE_GRACE_S):
+        # A release that failed at deploy/gate is the release-failure sensor's incident; take over only if it has
+        # not acted within the grace period (e.g. it is stopped).
+        return state, None, f"{environment}: {bad} failed its release; rollback_on_release_failure handles it"
+    requested = list(instance.get_runs(filters=dg.RunsFilter(
+        job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=1))
+    if requested:
+        return state, None, f"{environment}: rollback of {bad} already requested (run {requested[0].run_id[:8]})"
+    good = hist.last_good(exclude={bad})
+    key = f"health:{environment}:{bad}"
+    running, declared = [], []
+    for run in active_runs(instance, environment):
+        verdict = liveness.check_run(instance, run) if run.status in liveness.IN_PROGRESS else None
+        if verdict is not None and verdict.dead:
+            declared.append((run, verdict))
+        else:
+            running.append(run)
+    for run, verdict in declared:
+        # the rollback goes ahead only when nothing else of this environment runs and there is somewhere to go
+        liveness.declare_dead(instance, run, verdict, detected_by="health_watch",
+                              rollback=key if good is not None and not running else "")
+    dead_note = "".join(f"; run {r.run_id[:8]} ({r.job_name}) was dead ({v.reason}): marked failed" for r, v in declared)
+    if running:
+        return state, None, (f"{environment}: unhealthy, but run {running[0].run_id[:8]} ({running[0].job_name}) is in "
+                             f"progress{dead_note}")
+    if good is None:
+        latest = hist.latest()
+        if latest is not None and latest.event == history.ROLLED_BACK and latest.version == bad:
+            return state, None, f"{environment}: the last good version {bad} is what is failing; a rollback would not help{dead_note}"
+        return state, None, f"{environment}: {bad} unhealthy and no known-good version to roll back to{dead_note}"
+    reason = (f"health watch: {state['failures']} consecutive failed probes of {url} since "
+              f"{time.strftime('%H:%M:%S', time.gmtime(state['first_failure_at']))}Z ({state.get('last_error', '')})")
+    state["requested"] = key
+    return state, rollback_request(environment, bad, reason, key, "health_watch"), \
+        f"{environment}: rollback of {bad} requested{dead_note}"
+
+
+def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *, probes: int | None = None,
+               interval_s: float | None = None, timeout_s: float | None = None, threshold: int | None = None,
+               max_parallel: int | None = None) -> tuple[dict, list[dg.RunRequest], list[tuple[str, str, str]]]:
+    """One evaluation over every released environment, all probed at the same time. Returns (new cursor, run
+    requests, [(environment, kind, note)]) with kind one of healthy | failing | unhealthy | requested | idle | error.
+    Settings default to the module's (read at call time)."""
+    probes = PROBES_PER_TICK if probes is None else probes
+    interval_s = PROBE_INTERVAL_S if interval_s is None else interval_s
+    timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    threshold = THRESHOLD if threshold is None else threshold
+    max_parallel = MAX_PARALLEL if max_parallel is None else max_parallel
+    envs = history.environments(instance)
+    # probing lasts about probes x interval; the bound leaves room for a last probe's timeout
+    budget_s = max(probes - 1, 0) * interval_s + timeout_s
+    deadline = time.monotonic() + budget_s
+
+    def one(env: str):
+        try:
+            hist = history.load(instance, env, limit=100)
+            state, request, note = evaluate_environment(env, dict(cursor.get(env, {})), hist, prober, instance,
+                                                        threshold=threshold, probes=probes, interval_s=interval_s,
+                                                        timeout_s=timeout_s, deadline=deadline)
+            if request is not None:
+                kind = "requested"
+            elif not state:
+                kind = "idle"
+            elif state.get("failures", 0) == 0:
+                kind = "healthy"
+            elif state.get("failures", 0) < threshold:
+                kind = "failing"
+            else:
+                kind = "unhealthy"
+            return env, state, request, kind, note
+        except Exception as exc:  # noqa: BLE001 - one environment's error never crashes the tick
+            return env, cursor.get(env, {}), None, "error", f"{env}: sensor error {type(exc).__name__}: {str(exc)[:200]}"
+
+    results = []
+    if envs:
+        with ThreadPoolExecutor(max_workers=max(1, min(len(envs), max_parallel)), thread_name_prefix="health") as pool:
+            results = list(pool.map(one, envs))
+    new_cursor = {env: state for env, state, _, _, _ in results if state}  # environments gone leave the cursor
+    requests = [r for _, _, r, _, _ in results if r is not None]
+    return new_cursor, requests, [(env, kind, note) for env, _, _, kind, note in results]
+
+
+def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int = NOTE_MAX_ENVIRONMENTS) -> str:
+    """One summary line, then only the environments that are not healthy (at most `limit`)."""
+    if not outcomes:
+        return "no released environment"
+    counts: dict[str, int] = {}
+    for _, kind, _ in outcomes:
+        counts[kind] = counts.get(kind, 0) + 1
+    order = ["healthy", "failing", "unhealthy", "requested", "error", "idle"]
+    summary = (f"{len(outcomes)} environment(s) probed in {elapsed_s:.1f} s: "
+               + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))
+    attention = [note for _, kind, note in outcomes if kind not in ("healthy", "idle")]
+    lines = [summary] + attention[:limit]
+    if len(attention) > limit:
+        lines.append(f"... and {len(attention) - limit} more not healthy (see the sensor's cursor)")
+    return "\n".join(lines)
+
+
+@dg.sensor(
+    name="health_watch",
+    job=rollback,
+    minimum_interval_seconds=1,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Watches every environment's health endpoint after release, all environments at once: several probes per "
+        "evaluation, consecutive failures kept in the cursor; at 3 (default) it requests one rollback per incident (run "
+        "key: environment + bad version), none while a release or rollback of that environment runs (unless that run's "
+        "process is dead: then it is marked failed and the rollback goes ahead), none when the last good version is the "
+        "one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick."
+    ),
+)
+def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTargets) -> dg.SensorResult:
+    try:
+        cursor = json.loads(context.cursor) if context.cursor else {}
+    except ValueError:
+        cursor = {}
+    started = time.monotonic()
+    prober = SharedClientProber(deploy_targets.prober)
+    try:
+        cursor, requests, outcomes = watch_tick(context.instance, cursor, prober)
+    except Exception as exc:  # noqa: BLE001 - a tick must never crash
+        return dg.SensorResult(skip_reason=f"cannot read release history: {type(exc).__name__}", cursor=json.dumps(cursor))
+    finally:
+        prober.close()
+    note = tick_note(outcomes, time.monotonic() - started)
+    for env, kind, text in outcomes:
+        if kind == "requested":
+            request = next(r for r in requests if r.tags.get("ops/environment") == env)
+            context.log.warning(f"{text}: {request.run_config['ops']['plan_rollback']['config']['reason']}")
+    if any(kind not in ("healthy", "idle") for _, kind, _ in outcomes):
+        context.log.info(note)
+    return dg.SensorResult(run_requests=requests, cursor=json.dumps(cursor),
+                           skip_reason=None if requests else note)
+
+
+@dg.run_failure_sensor(
+    name="rollback_on_release_failure",
+    # All code locations, then only runs of the release job (below): a release started with `dagster job execute`
+    # belongs to the location the CLI names after the module, not to this workspace's `ops_pipeline`, and
+    # `monitored_jobs` would never see it fail.
+    monitor_all_code_locations=True,
+    request_job=rollback,
+    minimum_interval_seconds=1,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "When a release fails at or after the deploy started (rolling_deploy or health_gate), requests a rollback of "
+        "that environment (one per failed run). A release that failed before anything was deployed requests nothing. "
+        "It acts only on the release job (however it was launched: UI, `dagster job launch`, `dagster job execute`), "
+        "so a failing rollback never requests another rollback."
+    ),
+)
+def rollback_on_release_failure(context: dg.RunFailureSensorContext):
+    run = context.dagster_run
+    if run.job_name != release.name:
+        return dg.SkipReason(f"{run.job_name} run {run.run_id[:8]} failed: only failed releases request a rollback")
+    failed_steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
+    died = ""
+    if not failed_steps:
+        # A run whose process died (declared dead by ops_pipeline.release.liveness, or by Dagster's run monitoring) has no
+        # step failure: it failed in the steps it started and never finished.
+        death = liveness.death_record(context.instance, run.run_id)
+        if death and death.get("rollback"):
+            return dg.SkipReason(f"release {run.run_id[:8]} died; {death.get('detected_by')} requested its rollback "
+                                 f"({death['rollback']})")
+        failed_steps = liveness.unfinished_steps(context.instance, run.run_id)
+        died = " (its process died)" if failed_steps else ""
+    if not set(failed_steps) & DEPLOY_STEPS:
+        return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps) or 'start'}, before anything "
+                             "was deployed: nothing to roll back")
+    cfg = (run.run_config or {}).get("ops", {}).get("verify_env", {}).get("config", {})
+    environment = run.tags.get("ops/environment") or cfg.get("environment") or "local"
+    bad = run.tags.get("ops/version") or cfg.get("version") or ""
+    if died:
+        # the health watch may have seen the same incident first: one rollback per (environment, bad version)
+        requested = [r for r in context.instance.get_runs(filters=dg.RunsFilter(
+            job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=5)]
+        if requested:
+            return dg.SkipReason(f"release {run.run_id[:8]} died{died}; rollback of {bad} already requested "
+                                 f"(run {requested[0].run_id[:8]})")
+    return rollback_request(environment, bad, f"release run {run.run_id[:8]} failed at {', '.join(failed_steps)}{died}",
+                            f"release-failed:{run.run_id}", "release_failure")
+
+
+@dg.sensor(
+    name="run_liveness",
+    minimum_interval_seconds=10,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Sweeps every in-progress run of this project's jobs, however it was launched (including `dagster job "
+        "execute` / `dg launch`, which have no run launcher): a run whose process is dead (gone, a zombie, or its pid "
+        "reused) is marked failed with the evidence, so it never keeps the run queue, the health watch or the next "
+        "release waiting. A run that is only slow is never declared dead. See ops_pipeline/release/liveness.py."
+    ),
+)
+def run_liveness(context: dg.SensorEvaluationContext):
+    results = liveness.sweep(context.instance, job_names=PROJECT_JOBS, detected_by="run_liveness")
+    for run, verdict, declared in results:
+        if declared:
+            context.log.warning(f"run {run.run_id[:8]} ({run.job_name}) declared dead: {verdict.reason}")
+    dead = [f"{r.run_id[:8]} ({r.job_name}): {v.reason}" for r, v, d in results if d]
+    unknown = [f"{r.run_id[:8]} ({r.job_name}): {v.reason}" for r, v, _ in results if v.state == liveness.UNKNOWN]
+    alive = sum(1 for _, v, _ in results if v.state == liveness.ALIVE)
+    lines = [f"{len(results)} run(s) in progress: {alive} alive, {len(dead)} declared dead, {len(unknown)} unknown"]
+    lines += [f"dead: {d}" for d in dead] + [f"unknown: {u}" for u in unknown[:10]]
+    return dg.SkipReason("\n".join(lines))
