@@ -62,7 +62,7 @@ def remove_docker_environment(env: str) -> None:
     target = DockerTarget(ReleaseSpec(config=cfg, version="cleanup", app_dir=str(ROOT / "examples" / "node-api")),
                           DockerEngine(base_url=os.environ.get("DOCKER_HOST", "")), HttpProber())
     try:
-        print(f"removed {env}: {', '.join(target.stop_all()) or 'nothing'}", flush=True)
+        print(f"removed {env}: {', '.join(target.stop()) or 'nothing'}", flush=True)
     finally:
         target.close()
 
@@ -91,6 +91,7 @@ def stop_front_proxy(env: str) -> None:
 
 def broken_release(instance, release, rate: float, skip_own_check: bool) -> dict:
     """v1 of the plain app, then v2 answering 503 on /health, under load; returns the v2 phase's row."""
+    from ops_pipeline.platform.prober import HealthWait
     from ops_pipeline.targets.pm2.target import Pm2Target
 
     app = STATE / f"plain-{int(skip_own_check)}"
@@ -109,7 +110,7 @@ def broken_release(instance, release, rate: float, skip_own_check: bool) -> dict
     assert release.execute_in_process(run_config=config("v1", "200"), instance=instance).success
     original = Pm2Target._wait_instance_healthy
     if skip_own_check:
-        Pm2Target._wait_instance_healthy = lambda self, *a, **k: (time.sleep(0.5), (True, "own check skipped"))[1]
+        Pm2Target._wait_instance_healthy = lambda self, *a, **k: (time.sleep(0.5), HealthWait(True, []))[1]
     try:
         label = f"PM2 broken v2, {'own check skipped' if skip_own_check else 'own check (ours)'}"
         with Load(port, path="/health", rate=rate) as load:

@@ -18,6 +18,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client import ApiException
 
+from ops_pipeline.platform.prober import HttpProber
 from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
 from ops_pipeline.targets.base import Artifact, RolloutError
 from ops_pipeline.targets.kubernetes.client import KubernetesResource
@@ -63,7 +64,7 @@ def release_spec(server: FakeKubeApiServer, version: str, progress_deadline_s: f
 def k8s_target(server: FakeKubeApiServer, version: str, progress_deadline_s: float = 30.0) -> KubernetesTarget:
     # The resource points elsewhere: the spec's api_server must win.
     resource = KubernetesResource(api_server="http://127.0.0.1:9", token=TOKEN)
-    target = resource.target(release_spec(server, version, progress_deadline_s))
+    target = KubernetesTarget(release_spec(server, version, progress_deadline_s), resource, HttpProber())
     target.poll_interval_s = 0.05
     return target
 
@@ -220,7 +221,7 @@ def test_fake_apiserver_unobserved_spec_change_times_out_then_undo_restores_the_
 
 
 def test_fake_apiserver_rejects_a_client_without_the_bearer_token(apiserver: FakeKubeApiServer) -> None:
-    target = KubernetesResource().target(release_spec(apiserver, "v6"))
+    target = KubernetesTarget(release_spec(apiserver, "v6"), KubernetesResource(), HttpProber())
     with pytest.raises(ApiException) as denied:
         target.serving()
     assert denied.value.status == 401

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -92,17 +93,43 @@ class HttpProber(dg.ConfigurableResource):
                             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=0))
 
     def wait_healthy(self, url: str, *, version: str | None, successes: int, interval_s: float, timeout_s: float,
-                     deadline_s: float, should_abort=None, version_from: str = "json:version") -> tuple[bool, list[Probe]]:
-        """Probe until `successes` consecutive healthy answers reporting `version`, or the deadline."""
+                     deadline_s: float, version_from: str = "json:version", stop_reason: Callable[[], str] | None = None,
+                     confirmed: Callable[[], bool] | None = None) -> HealthWait:
+        """The one "N healthy answers in a row" wait (the release gate, and each new instance of every target).
+
+        Probes `url` every `interval_s` until `successes` consecutive healthy answers reporting `version` (None: any
+        version), or `deadline_s`. `stop_reason`, asked before each probe, names why waiting longer is pointless (the
+        process vanished, a crash loop, an unhealthy HEALTHCHECK): the wait stops at once with it. `confirmed` must also
+        hold when the streak is reached (e.g. the engine's own HEALTHCHECK); until it does, probing goes on."""
         probes: list[Probe] = []
         streak = 0
         end = time.monotonic() + deadline_s
         while True:
+            reason = stop_reason() if stop_reason else ""
+            if reason:
+                return HealthWait(False, probes, reason)
             p = self.probe(url, timeout_s=min(timeout_s, max(0.1, end - time.monotonic())), version_from=version_from)
             probes.append(p)
             streak = streak + 1 if p.healthy_for(version) else 0
-            if streak >= successes:
-                return True, probes
-            if time.monotonic() + interval_s > end or (should_abort and should_abort()):
-                return False, probes
+            if streak >= successes and (confirmed is None or confirmed()):
+                return HealthWait(True, probes)
+            if time.monotonic() + interval_s > end:
+                return HealthWait(False, probes, f"not healthy within {deadline_s:.0f} s")
             time.sleep(interval_s)
+
+
+@dataclass
+class HealthWait:
+    """How a wait for health ended: `ok`, every probe made, and why it stopped when not ok."""
+
+    ok: bool
+    probes: list[Probe]
+    stopped: str = ""
+
+    @property
+    def last(self) -> Probe | None:
+        return self.probes[-1] if self.probes else None
+
+    def detail(self) -> str:
+        last = f"last probe: {self.last.summary()}" if self.last else "no probe answered"
+        return last if self.ok else f"{self.stopped}; {last}"

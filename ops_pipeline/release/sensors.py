@@ -21,7 +21,6 @@ OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0), OPS_HEALTH_
 
 import json
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 

@@ -86,14 +86,20 @@ class RolloutReport:
 class RolloutError(RuntimeError):
     """The rollout stopped. `serving` says what is serving now (the old version, when it could be kept)."""
 
-    def __init__(self, message: str, report: RolloutReport, serving: list[Instance] | None = None) -> None:
+    def __init__(self, message: str, report: RolloutReport, serving: list[Instance] | None = None,
+                 log_tail: str = "") -> None:
         super().__init__(message)
         self.report = report
         self.serving = serving or []
+        self.log_tail = log_tail  # the failing instance's last log lines, already redacted
 
 
 class DeployTarget(ABC):
-    """One environment's runtime: PM2 on this host, containers on a Docker Engine, or a Kubernetes Deployment."""
+    """One environment's runtime: PM2 on this host, containers on a Docker Engine, or a Kubernetes Deployment.
+
+    Every target is built the same way, `Target(spec, runtime, prober, redactor)` (`DeployTargets.for_spec` does it:
+    `runtime` is the resource of its system), fails with `RolloutError`, waits for each new instance with the one
+    health wait (`HttpProber.wait_healthy`), and reports each instance's own health URL in `Instance.probe_url`."""
 
     kind: str = "?"
 
@@ -102,8 +108,9 @@ class DeployTarget(ABC):
         """The app's instances as the runtime reports them now (read from the runtime, not remembered)."""
 
     @abstractmethod
-    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> None:
-        """Make the artifact available where it runs (release folder, image pulled) without serving it."""
+    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> str:
+        """Make the artifact available where it runs (release folder, image pulled) without serving it. Returns
+        what the instances will run: the release folder, or the image reference."""
 
     @abstractmethod
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
@@ -112,6 +119,10 @@ class DeployTarget(ABC):
 
         `surge_all` (rollbacks: speed matters most) starts every new instance at once; old instances are still
         taken out only after new ones are healthy, so no request is dropped. Targets that cannot may ignore it."""
+
+    @abstractmethod
+    def stop(self) -> list[str]:
+        """Stop everything this environment runs on the target (tests, teardown, `make down`). Returns what stopped."""
 
     def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
         """Remove old release material, never anything in `keep_versions`. Returns what was removed."""

@@ -11,7 +11,8 @@ from ops_pipeline.targets.base import DeployTarget
 from ops_pipeline.targets.docker.engine import DockerEngine
 from ops_pipeline.targets.docker.target import DockerTarget
 from ops_pipeline.targets.kubernetes.client import KubernetesResource
-from ops_pipeline.targets.pm2.target import Pm2Resource
+from ops_pipeline.targets.kubernetes.target import KubernetesTarget
+from ops_pipeline.targets.pm2.target import Pm2Resource, Pm2Target
 
 
 class DeployTargets(dg.ConfigurableResource):
@@ -28,11 +29,13 @@ class DeployTargets(dg.ConfigurableResource):
         return cls(**{**parts, **overrides})
 
     def for_spec(self, spec: ReleaseSpec, redactor: Redactor | None = None) -> DeployTarget:
-        kind = spec.target.kind
-        if kind == DeployTargetKind.pm2:
-            return self.pm2.target(spec, self.prober, redactor)
-        if kind == DeployTargetKind.docker:
-            return DockerTarget(spec, self.docker, self.prober, redactor)
-        if kind == DeployTargetKind.kubernetes:
-            return self.kubernetes.target(spec, redactor)
-        raise ValueError(f"target.kind: unknown deploy target {kind!r}")
+        """The target `spec.target.kind` names, built like every target: (spec, its system's resource, prober, redactor)."""
+        target_class, runtime = TARGETS[spec.target.kind]
+        return target_class(spec, getattr(self, runtime), self.prober, redactor)
+
+
+TARGETS: dict[DeployTargetKind, tuple[type[DeployTarget], str]] = {
+    DeployTargetKind.pm2: (Pm2Target, "pm2"),
+    DeployTargetKind.docker: (DockerTarget, "docker"),
+    DeployTargetKind.kubernetes: (KubernetesTarget, "kubernetes"),
+}

@@ -161,7 +161,7 @@ def _environment(name: str, backups: Path):
 def _remove_environment(env) -> None:
     target = docker_target_for(env.env, env.port)
     try:
-        target.stop_all()
+        target.stop()
     finally:
         target.close()
 

@@ -273,7 +273,7 @@ def test_never_healthy_version_leaves_old_replicas_serving(container_engine, con
         # run alone (or after a failure): start from three v1 replicas of its own
         target = d.target()
         try:
-            target.stop_all()
+            target.stop()
         finally:
             target.close()
         assert d.release.execute_in_process(run_config=docker_run_config(container_app, d.env, version="v1",

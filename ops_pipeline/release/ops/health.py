@@ -17,9 +17,10 @@ def run_gate(spec: ReleaseSpec, version: str, prober: HttpProber, target, log) -
     """The gate both releases and rollbacks pass: the public URL, then every instance on its own."""
     g = spec.gate
     t0 = time.monotonic()
-    ok, probes = prober.wait_healthy(spec.health_url, version=version, successes=g.required_successes,
-                                     interval_s=g.interval_s, timeout_s=g.request_timeout_s, deadline_s=g.deadline_s,
-                                     version_from=spec.app.health_version)
+    wait = prober.wait_healthy(spec.health_url, version=version, successes=g.required_successes,
+                               interval_s=g.interval_s, timeout_s=g.request_timeout_s, deadline_s=g.deadline_s,
+                               version_from=spec.app.health_version)
+    ok, probes = wait.ok, wait.probes
     instance_probes: list[Probe] = []
     if ok:
         for inst in target.serving():

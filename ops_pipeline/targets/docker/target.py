@@ -46,7 +46,7 @@ from pathlib import Path
 from ops_pipeline.platform import paths
 from ops_pipeline.platform.app_env import secret_names
 from ops_pipeline.platform.local_stack import free_port
-from ops_pipeline.platform.prober import HttpProber, Probe
+from ops_pipeline.platform.prober import HealthWait, HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
 from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport
@@ -300,48 +300,47 @@ class DockerTarget(DeployTarget):
         except Exception:  # noqa: BLE001, S110 - best effort; the engine's own schedule still applies
             pass
 
-    def _wait_healthy(self, c, port: int, version: str) -> tuple[bool, str, Probe | None]:
-        url = f"http://127.0.0.1:{port}{self.spec.app.health_path}"
+    def _wait_healthy(self, c, port: int, version: str) -> HealthWait:
         hc = (c.attrs.get("Config") or {}).get("Healthcheck") or {}
         has_hc = bool(hc.get("Test")) and hc["Test"][0] != "NONE"
-        timeout = self.cfg.start_timeout_s or max(30.0, self.spec.gate.deadline_s)
-        deadline = time.monotonic() + timeout
-        streak, last, triggered, exited_since = 0, None, 0.0, None
-        health_status = ""
-        while time.monotonic() < deadline:
+        health_status, exited_since, triggered = "", None, 0.0
+
+        def stop_reason() -> str:
+            nonlocal health_status, exited_since
             c.reload()
             state = c.attrs.get("State") or {}
             health = state.get("Health") or {}
             health_status = health.get("Status") or ""
             restarts = int(c.attrs.get("RestartCount") or 0)
-            if state.get("Status") in ("exited", "dead"):
-                exited_since = exited_since or time.monotonic()
-            else:
-                exited_since = None
+            exited_since = (exited_since or time.monotonic()) if state.get("Status") in ("exited", "dead") else None
             if restarts >= 2 or (exited_since and time.monotonic() - exited_since > 3):
-                return False, (f"the container keeps exiting (status {state.get('Status')}, exit code {state.get('ExitCode')}, "
-                               f"{restarts} restarts)"), last
+                return (f"the container keeps exiting (status {state.get('Status')}, exit code {state.get('ExitCode')}, "
+                        f"{restarts} restarts)")
             if health_status == "unhealthy":
                 logs = health.get("Log") or []
                 out = (logs[-1].get("Output") or "").strip()[:200] if logs else ""
-                return False, (f"its HEALTHCHECK reports unhealthy (failing streak {health.get('FailingStreak')}"
-                               + (f", last check output: {out}" if out else "") + ")"
-                               + (f"; last probe: {last.summary()}" if last else "")), last
-            if state.get("Status") == "running":
-                p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
-                                      version_from=self.spec.app.health_version)
-                last = p
-                streak = streak + 1 if p.healthy_for(version) else 0
-                if streak >= 2:
-                    if not has_hc or health_status == "healthy":
-                        return True, (f"HEALTHCHECK {health_status or 'none'}, probe {p.summary()}"), p
-                    if self.is_podman() and time.monotonic() - triggered >= 1.0:
-                        triggered = time.monotonic()
-                        self._trigger_healthcheck(c)
-                        continue
-            time.sleep(0.25)
-        return False, (f"not healthy within {timeout:.0f} s (HEALTHCHECK {health_status or 'none'}); "
-                       f"last probe: {last.summary() if last else 'none'}"), last
+                return (f"its HEALTHCHECK reports unhealthy (failing streak {health.get('FailingStreak')}"
+                        + (f", last check output: {out}" if out else "") + ")")
+            return ""
+
+        def confirmed() -> bool:
+            # Healthy probes are not enough when the image has a HEALTHCHECK: the engine must agree.
+            nonlocal triggered
+            if not has_hc or health_status == "healthy":
+                return True
+            if self.is_podman() and time.monotonic() - triggered >= 1.0:
+                triggered = time.monotonic()
+                self._trigger_healthcheck(c)
+            return False
+
+        wait = self.prober.wait_healthy(
+            f"http://127.0.0.1:{port}{self.spec.app.health_path}", version=version, successes=2, interval_s=0.25,
+            timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
+            deadline_s=self.cfg.start_timeout_s or max(30.0, self.spec.gate.deadline_s),
+            version_from=self.spec.app.health_version, stop_reason=stop_reason, confirmed=confirmed)
+        if not wait.ok and wait.stopped.startswith("not healthy within"):
+            wait.stopped += f" (HEALTHCHECK {health_status or 'none'})"
+        return wait
 
     def _log_tail(self, c, lines: int = 20) -> str:
         try:
@@ -425,8 +424,9 @@ class DockerTarget(DeployTarget):
             for slot in range(n):
                 pending, port = self._start(ref, slot, version, deploy_id, artifact, env)
                 report.add("started", pending.name, version, started, f"published on 127.0.0.1:{port}")
-                healthy, detail, _ = self._wait_healthy(pending, port, version)
-                if not healthy:
+                wait = self._wait_healthy(pending, port, version)
+                detail = wait.detail()
+                if not wait.ok:
                     self._fail(pending, detail, new, members, report, started, version, log)
                 report.add("healthy", pending.name, version, started, detail)
                 log(f"{pending.name} healthy ({detail})")
@@ -529,7 +529,7 @@ class DockerTarget(DeployTarget):
             log(f"pruned: {', '.join(removed)} (kept versions {', '.join(sorted(keep_versions))})")
         return removed
 
-    def stop_all(self) -> list[str]:
+    def stop(self) -> list[str]:
         """Remove this environment's containers, its nginx, its network and host relays (tests, teardown)."""
         import docker
 

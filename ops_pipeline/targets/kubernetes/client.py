@@ -7,8 +7,7 @@ from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 from pydantic import Field
 
-from ops_pipeline.platform.redaction import Redactor
-from ops_pipeline.platform.spec import KubernetesTargetConfig, ReleaseSpec
+from ops_pipeline.platform.spec import KubernetesTargetConfig
 
 
 class KubernetesResource(dg.ConfigurableResource):
@@ -47,7 +46,3 @@ class KubernetesResource(dg.ConfigurableResource):
             cfg.verify_ssl = False
         return client.ApiClient(cfg)
 
-    def target(self, spec: ReleaseSpec, redactor: Redactor | None = None):
-        from ops_pipeline.targets.kubernetes.target import KubernetesTarget
-
-        return KubernetesTarget(spec, self.api_client(spec.target.kubernetes), (redactor or Redactor()).add(self.token))

@@ -23,9 +23,11 @@ from typing import Literal
 from kubernetes import client
 from kubernetes.client import ApiException
 
+from ops_pipeline.platform.prober import HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
 from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport
+from ops_pipeline.targets.kubernetes.client import KubernetesResource
 
 VERSION_ANNOTATION = "ops-pipeline/version"
 CHANGE_CAUSE = "kubernetes.io/change-cause"
@@ -75,13 +77,15 @@ class KubernetesTarget(DeployTarget):
     kind = "kubernetes"
     poll_interval_s = 1.0
 
-    def __init__(self, spec: ReleaseSpec, api: client.ApiClient, redactor: Redactor) -> None:
+    def __init__(self, spec: ReleaseSpec, runtime: KubernetesResource, prober: HttpProber,
+                 redactor: Redactor | None = None) -> None:
+        """`prober` is unused: the cluster's readiness probes decide when a pod serves."""
         self.spec = spec
         self.cfg = spec.target.kubernetes
-        self.api = api
+        self.api = api = runtime.api_client(self.cfg)
         self.apps = client.AppsV1Api(api)
         self.core = client.CoreV1Api(api)
-        self.redactor = redactor
+        self.redactor = (redactor or Redactor()).add(runtime.token)
         self.where = f"deployment {self.cfg.namespace}/{self.cfg.deployment}"
 
     # ---- reading the cluster --------------------------------------------------------------------
@@ -121,8 +125,13 @@ class KubernetesTarget(DeployTarget):
         )
 
     # ---- releasing ------------------------------------------------------------------------------
-    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> None:
+    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> str:
         """Nothing to do: the cluster pulls the image itself."""
+        return artifact.ref
+
+    def stop(self) -> list[str]:
+        """Nothing local to stop: the Deployment is the cluster's, and a teardown never deletes it."""
+        return []
 
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
                 surge_all: bool = False) -> RolloutReport:

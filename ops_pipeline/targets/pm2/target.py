@@ -36,7 +36,7 @@ from pydantic import Field
 from ops_pipeline.platform import paths
 from ops_pipeline.platform.commands import CommandError, which
 from ops_pipeline.platform.local_stack import free_port
-from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.platform.prober import HealthWait, HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
 from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport
@@ -59,18 +59,16 @@ class Pm2Resource(dg.ConfigurableResource):
             raise FileNotFoundError("pm2 not found: run `make setup` (installs tools/node_modules) or set pm2_bin")
         return found
 
-    def target(self, spec: ReleaseSpec, prober: HttpProber, redactor: Redactor | None = None) -> Pm2Target:
-        return Pm2Target(spec, self.binary(), prober, redactor or Redactor())
-
 
 class Pm2Target(DeployTarget):
     kind = "pm2"
 
-    def __init__(self, spec: ReleaseSpec, pm2_bin: str, prober: HttpProber, redactor: Redactor) -> None:
+    def __init__(self, spec: ReleaseSpec, runtime: Pm2Resource, prober: HttpProber,
+                 redactor: Redactor | None = None) -> None:
         self.spec = spec
-        self.pm2_bin = pm2_bin
+        self.pm2_bin = runtime.binary()
         self.prober = prober
-        self.redactor = redactor
+        self.redactor = redactor or Redactor()
         cfg = spec.target.pm2
         env_dir = spec.env_dir()
         self.home = Path(cfg.home) if cfg.home else env_dir / "pm2"
@@ -168,13 +166,13 @@ class Pm2Target(DeployTarget):
     def release_dir(self, version: str) -> Path:
         return self.releases / version
 
-    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> None:
+    def prepare(self, artifact: Artifact, version: str, log: LogFn) -> str:
         dest = self.release_dir(version)
         if (dest / "release.json").exists():
             data = json.loads((dest / "release.json").read_text())
             if data.get("artifact_id") == artifact.id:
                 log(f"release folder {dest} already holds {artifact.id}")
-                return
+                return str(dest)
             raise RolloutError(
                 f"release folder {dest} already holds another artifact ({data.get('artifact_id')}); versions are immutable",
                 RolloutReport(version, []),
@@ -193,6 +191,7 @@ class Pm2Target(DeployTarget):
         }, indent=2))
         tmp.rename(dest)
         log(f"release folder {dest} ready in {time.monotonic() - started:.2f} s")
+        return str(dest)
 
     def _switch_current(self, version: str) -> None:
         tmp = self.deploy_root / f".current.{uuid.uuid4().hex[:8]}"
@@ -289,29 +288,26 @@ class Pm2Target(DeployTarget):
                 return i
         return None
 
-    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str) -> tuple[bool, str]:
-        url = f"http://127.0.0.1:{port}{self.spec.app.health_path}"
-        cfg = self.spec.target.pm2
-        deadline = time.monotonic() + cfg.listen_timeout_s
-        streak, last = 0, None
-        # Ask PM2 (a node CLI start, ~0.3 s) only when the instance is slow to answer, then every 2 s.
+    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str) -> HealthWait:
         next_state_check = time.monotonic() + 1.5
-        while time.monotonic() < deadline:
-            p = self.prober.probe(url, timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
-                                  version_from=self.spec.app.health_version)
-            last = p
-            streak = streak + 1 if p.healthy_for(version) else 0
-            if streak >= 2:
-                return True, p.summary()
-            if time.monotonic() >= next_state_check:
-                inst = self._find(name, deploy_id)
-                if inst is None:
-                    return False, "the process disappeared from PM2"
-                if inst.status == "errored" or inst.restarts >= 2:
-                    return False, f"crash loop: status {inst.status}, {inst.restarts} restarts; last probe: {p.summary()}"
-                next_state_check = time.monotonic() + 2.0
-            time.sleep(0.1)
-        return False, f"not healthy within {cfg.listen_timeout_s:.0f} s; last probe: {last.summary() if last else 'none'}"
+
+        def stop_reason() -> str:
+            # Ask PM2 (a node CLI start, ~0.3 s) only when the instance is slow to answer, then every 2 s.
+            nonlocal next_state_check
+            if time.monotonic() < next_state_check:
+                return ""
+            next_state_check = time.monotonic() + 2.0
+            inst = self._find(name, deploy_id)
+            if inst is None:
+                return "the process disappeared from PM2"
+            if inst.status == "errored" or inst.restarts >= 2:
+                return f"crash loop: status {inst.status}, {inst.restarts} restarts"
+            return ""
+
+        return self.prober.wait_healthy(
+            f"http://127.0.0.1:{port}{self.spec.app.health_path}", version=version, successes=2, interval_s=0.1,
+            timeout_s=min(self.spec.gate.request_timeout_s, 2.0), deadline_s=self.spec.target.pm2.listen_timeout_s,
+            version_from=self.spec.app.health_version, stop_reason=stop_reason)
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
         logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
@@ -358,7 +354,7 @@ class Pm2Target(DeployTarget):
             new = self._surge(version, deploy_id, old, members, app_env, report, started, log, surge_all=surge_all)
         except (RolloutError, CommandError, OSError) as exc:
             detail = str(exc)
-            tail = getattr(exc, "log_tail", "")
+            tail = getattr(exc, "log_tail", "")  # CommandError/OSError have none
             withdrawn = [i for i in self.serving() if i.deploy_id == deploy_id]
             for inst in withdrawn:
                 members.pop(inst.name, None)
@@ -447,13 +443,13 @@ class Pm2Target(DeployTarget):
                     started: float, log: LogFn) -> tuple[str, int]:
         name, port = self._start_instance(slot, version, deploy_id, app_env, log)
         report.add("started", name, version, started, f"own port {port}, not in the front proxy yet")
-        healthy, detail = self._wait_instance_healthy(name, deploy_id, port, version)
-        if not healthy:
+        wait = self._wait_instance_healthy(name, deploy_id, port, version)
+        detail = wait.detail()
+        if not wait.ok:
             report.add("failed", name, version, started, detail)
-            err = RolloutError(f"new instance {name} never became healthy on its own port ({detail}); it never "
-                               "received public traffic", report)
-            err.log_tail = f"last log lines of {name}:\n{self._log_tail(name)}"
-            raise err
+            raise RolloutError(f"new instance {name} never became healthy on its own port ({detail}); it never "
+                               "received public traffic", report,
+                               log_tail=f"last log lines of {name}:\n{self._log_tail(name)}")
         report.add("healthy", name, version, started, detail)
         log(f"{name} healthy on its own port ({detail})")
         return name, port
@@ -476,11 +472,14 @@ class Pm2Target(DeployTarget):
         self.pm2("save", check=False)
         return f"PM2 had lost every instance of {version}; restarted {len(restarted)} of them. "
 
-    def stop_all(self) -> None:
+    def stop(self) -> list[str]:
         """Stop this environment's front proxy, PM2 daemon and every instance (tests, teardown, `make down`)."""
-        self.nginx.stop()
+        done = ["nginx"] if self.nginx.stop() else []
         if self.home.exists():
+            done += [f"{i.name} ({i.version})" for i in self.serving()]
             self.pm2("kill", check=False, timeout_s=60)
+            done.append("PM2 daemon")
+        return done
 
 
 def _port_in_use(host: str, port: int) -> bool:
