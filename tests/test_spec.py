@@ -3,7 +3,8 @@
 import dagster as dg
 import pytest
 
-from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec, validate_release_config
+from ops_pipeline.platform import history
+from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec, SpecError, validate_release_config
 
 
 def problems(**kwargs) -> list[str]:
@@ -115,3 +116,33 @@ def test_rollback_of_an_unknown_environment_fails_clearly(instance):
         run_config={"ops": {"plan_rollback": {"config": {"environment": "nowhere"}}}}, instance=instance, raise_on_error=False)
     msg = r.get_step_failure_events()[0].step_failure_data.error.message
     assert "environment:" in msg and "nowhere" in msg
+
+
+def test_a_recorded_spec_is_validated_when_read_back():
+    good = ReleaseSpec(config=ReleaseConfig(environment="staging"), version="v7", app_dir="/gone").to_json()
+    assert ReleaseSpec.from_json(good).version == "v7"  # the app folder of an old release may be gone: not checked
+    bad = {**good, "config": {**good["config"], "target": {**good["config"]["target"], "instances": 0, "port": 70000}}}
+    with pytest.raises(SpecError) as err:
+        ReleaseSpec.from_json(bad)
+    assert {p.split(":")[1].strip() for p in err.value.problems} == {"target.instances", "target.port"}
+    assert all(p.startswith("recorded spec: ") for p in err.value.problems)
+    assert ReleaseSpec.from_json(bad, validate=False).config.target.instances == 0
+
+
+def test_rollback_to_an_invalid_release_record_fails_before_any_side_effect(instance, tmp_path):
+    """The rollback validates the spec it found in the history once, in its plan: nothing is deployed."""
+    from tests.conftest import make_defs
+
+    spec = ReleaseSpec(config=ReleaseConfig(environment="recorded", target={"kind": "pm2", "instances": 0}),
+                       version="v1", app_dir=str(tmp_path)).to_json()
+    instance.report_runless_asset_event(history.materialization("recorded", history.RELEASED, "v1", spec=spec,
+                                                                artifact={"kind": "bundle", "id": "v1"}))
+    r = make_defs().get_job_def("rollback").execute_in_process(
+        run_config={"ops": {"plan_rollback": {"config": {"environment": "recorded", "bad_version": "v2"}}}},
+        instance=instance, raise_on_error=False)
+    failed = r.get_step_failure_events()
+    assert [e.step_key for e in failed] == ["plan_rollback"]
+    msg = failed[0].step_failure_data.error.message
+    assert "release record of v1" in msg and "target.instances" in msg
+    started = {e.step_key for e in r.all_events if e.event_type_value == "STEP_START"}
+    assert started == {"plan_rollback"}

@@ -58,8 +58,12 @@ def target_spec(config: BackupTargetConfig, instance: dg.DagsterInstance | None 
     if instance is not None and ENV_NAME.match(config.environment or ""):
         hist = history.load(instance, config.environment)
         recorded = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
-    if recorded:
-        rc = ReleaseSpec.from_json(recorded).config
+    try:
+        rc = ReleaseSpec.from_json(recorded).config if recorded else None
+    except SpecError as exc:
+        problems += exc.problems
+        rc = None
+    if rc is not None:
         rc = rc.model_copy(update={"embedded_services": rc.embedded_services and config.embedded_services})
     else:
         app = AppConfig(migrations_table=config.migrations_table, required_env=[], secret_env=[], jwt_secret_env="",

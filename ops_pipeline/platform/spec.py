@@ -563,12 +563,20 @@ class ReleaseSpec:
         }
 
     @classmethod
-    def from_json(cls, data: dict, *, version: Optional[str] = None) -> "ReleaseSpec":
-        """A recorded spec back (fields that a newer ops-pipeline no longer has are dropped; new ones get defaults)."""
+    def from_json(cls, data: dict, *, version: Optional[str] = None, validate: bool = True) -> "ReleaseSpec":
+        """A recorded spec back (fields that a newer ops-pipeline no longer has are dropped; new ones get defaults),
+        validated like a new one except for paths (an old release's folder may be gone): `SpecError` names every
+        problem. `validate=False` only for a spec the same run already validated (the rollback plan's)."""
+        try:
+            config = ReleaseConfig(**_known_fields(ReleaseConfig, data["config"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SpecError([f"recorded spec: unreadable ({type(exc).__name__}: {str(exc)[:300]})"]) from None
+        if validate and (problems := validate_release_config(config, check_paths=False)):
+            raise SpecError([f"recorded spec: {p}" for p in problems])
         return cls(
-            config=ReleaseConfig(**_known_fields(ReleaseConfig, data["config"])),
-            version=version or data["version"],
-            app_dir=data["app_dir"],
+            config=config,
+            version=version or data.get("version", ""),
+            app_dir=data.get("app_dir", ""),
             commit=data.get("commit", ""),
             dirty=bool(data.get("dirty", False)),
         )

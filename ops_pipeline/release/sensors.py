@@ -29,7 +29,7 @@ import dagster as dg
 from ops_pipeline.backup.jobs import backup, restore_database_job, restore_drill_job
 from ops_pipeline.platform import history
 from ops_pipeline.platform.prober import HttpProber, Probe
-from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.release import liveness
 from ops_pipeline.release.jobs import release, rollback
 from ops_pipeline.targets.resource import DeployTargets
@@ -99,7 +99,10 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
     recorded = history.spec_json(record) if record else None
     if not recorded:
         return {}, None, f"{environment}: nothing released yet"
-    spec = ReleaseSpec.from_json(recorded)
+    try:
+        spec = ReleaseSpec.from_json(recorded)
+    except SpecError as exc:
+        return state, None, f"{environment}: not watched, the release record of {serving} is invalid: {exc.problems[0]}"
     url = spec.health_url
     if state.get("serving") != serving:
         state = {"serving": serving, "failures": 0}

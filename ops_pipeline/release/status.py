@@ -21,6 +21,7 @@ import dagster as dg
 from ops_pipeline.platform import history, paths
 from ops_pipeline.platform.commands import which
 from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 
 
 def environments(instance: dg.DagsterInstance | None = None) -> list[str]:
@@ -45,12 +46,16 @@ def report(environment: str, instance: dg.DagsterInstance) -> tuple[int, str]:
     if latest.event not in (history.RELEASED, history.ROLLED_BACK):
         status = 1
         lines.append(f"last event:  {latest.event} of {latest.version} - {latest.get('reason', '')[:300]}")
-    if spec:
-        cfg = spec["config"]
-        url = cfg["target"].get("public_url") or f"http://{cfg['target']['host']}:{cfg['target']['port']}"
-        probe = HttpProber().probe(url.rstrip("/") + cfg["app"]["health_path"], timeout_s=5)
-        lines.append(f"serving:     {serving} ({cfg['target']['kind']} x{cfg['target']['instances']})")
-        lines.append(f"url:         {url}")
+    try:
+        release_spec = ReleaseSpec.from_json(spec, version=serving) if spec else None
+    except SpecError as exc:
+        release_spec, status = None, 1
+        lines.append(f"serving:     {serving}, whose release record is invalid: {'; '.join(exc.problems)}")
+    if release_spec:
+        target = release_spec.target
+        probe = HttpProber().probe(release_spec.health_url, timeout_s=5, version_from=release_spec.app.health_version)
+        lines.append(f"serving:     {serving} ({target.kind.value} x{target.instances})")
+        lines.append(f"url:         {release_spec.public_url}")
         lines.append(f"health:      {'HTTP ' + str(probe.status) if probe.status else probe.error} "
                      f"version={probe.version} {probe.body or ''}")
         if not probe.ok:

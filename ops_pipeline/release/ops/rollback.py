@@ -9,7 +9,7 @@ from ops_pipeline.platform.failures import failure
 from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.notify import Notifier
 from ops_pipeline.platform.postgres import PostgresResource
-from ops_pipeline.platform.spec import ENV_NAME, ReleaseSpec
+from ops_pipeline.platform.spec import ENV_NAME, ReleaseSpec, SpecError
 from ops_pipeline.release.ops.deploy import rollout_metadata
 from ops_pipeline.release.ops.health import run_gate
 from ops_pipeline.release.ops.migrate import take_environment_lock
@@ -46,9 +46,8 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
     newest_spec = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
     serving_versions: set[str] = set()
     if newest_spec:
-        probe_spec = ReleaseSpec.from_json(newest_spec)
         try:
-            target = deploy_targets.for_spec(probe_spec)
+            target = deploy_targets.for_spec(ReleaseSpec.from_json(newest_spec))
             serving_versions = target.serving_versions()
         except Exception as exc:  # noqa: BLE001 - reported, the plan continues from the record
             context.log.warning(f"could not read the serving state from the target: {type(exc).__name__}: {exc}")
@@ -75,6 +74,10 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
         if not good:
             raise failure(f"no known-good version of '{config.environment}' to roll back to "
                              f"(history: {'; '.join(hist.summary(5))})")
+    try:  # the one validation of this run's spec: the later steps trust the plan
+        ReleaseSpec.from_json(history.spec_json(good) or {}, version=good.version)
+    except SpecError as exc:
+        raise failure(f"the release record of {good.version} cannot be rolled back to: {exc}") from None
     noop = serving_versions == {good.version}
     bad_record = hist.release_of(bad) if bad else None
     bad_events = [e for e in hist.events if e.version == bad]
@@ -126,7 +129,7 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
                     deploy_targets: DeployTargets) -> dict:
     if plan["noop"]:
         return {**plan, "rollout": None}
-    spec = ReleaseSpec.from_json(plan["target_spec"], version=plan["target_version"])
+    spec = ReleaseSpec.from_json(plan["target_spec"], version=plan["target_version"], validate=False)
     env = resolve_app_env(spec.config, local_stack)
     take_environment_lock(context, spec, postgres, env.database_url)
     target = deploy_targets.for_spec(spec, env.redactor)
@@ -150,7 +153,7 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
 )
 def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: LocalStack, deploy_targets: DeployTargets,
                   notifier: Notifier) -> dict:
-    spec = ReleaseSpec.from_json(deployed["target_spec"], version=deployed["target_version"])
+    spec = ReleaseSpec.from_json(deployed["target_spec"], version=deployed["target_version"], validate=False)
     env = resolve_app_env(spec.config, local_stack)
     target = deploy_targets.for_spec(spec, env.redactor)
     ok, evidence, _ = run_gate(spec, spec.version, deploy_targets.prober, target, context.log.info)
