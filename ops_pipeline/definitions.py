@@ -22,6 +22,7 @@ from ops_pipeline.platform.notify import Notifier
 from ops_pipeline.platform.postgres import PostgresResource
 from ops_pipeline.platform.prober import HttpProber
 from ops_pipeline.platform.redis import RedisResource
+from ops_pipeline.platform.settings import Settings, settings
 from ops_pipeline.release import definitions as release_domain
 from ops_pipeline.targets.docker.engine import DockerEngine
 from ops_pipeline.targets.kubernetes.client import KubernetesResource
@@ -38,38 +39,36 @@ def _env_secret(name: str):
     return dg.EnvVar(name) if os.environ.get(name) else ""
 
 
-def build_resources() -> dict:
-    docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""),
-                          registry_username=os.environ.get("OPS_REGISTRY_USERNAME", ""),
+def build_resources(s: Settings) -> dict:
+    docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""), registry_username=s.registry_username,
                           registry_password=_env_secret("OPS_REGISTRY_PASSWORD"))
     return {
         "local_stack": LocalStack(),
-        "postgres": PostgresResource(bin_dir=os.environ.get("OPS_PG_BIN", "")),
+        "postgres": PostgresResource(bin_dir=s.pg_bin),
         "redis": RedisResource(),
         "backup_store": BackupStore(
-            kind=os.environ.get("OPS_BACKUP_STORE", "local"),
-            local_dir=os.environ.get("OPS_BACKUP_DIR", ""),
-            bucket=os.environ.get("OPS_BACKUP_BUCKET", ""),
-            prefix=os.environ.get("OPS_BACKUP_PREFIX", "backups"),
-            s3_endpoint_url=os.environ.get("OPS_S3_ENDPOINT_URL", ""),
+            kind=s.backup_store,
+            local_dir=s.backup_dir,
+            bucket=s.backup_bucket,
+            prefix=s.backup_prefix,
+            s3_endpoint_url=s.s3_endpoint_url,
             s3_region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
             aws_access_key_id=_env_secret("AWS_ACCESS_KEY_ID"),
             aws_secret_access_key=_env_secret("AWS_SECRET_ACCESS_KEY"),
-            s3_max_attempts=int(os.environ.get("OPS_S3_MAX_ATTEMPTS", "3")),
-            compression=os.environ.get("OPS_BACKUP_COMPRESSION", "zstd-dump"),
-            zstd_threads=int(os.environ.get("OPS_BACKUP_ZSTD_THREADS", "2")),
+            s3_max_attempts=s.s3_max_attempts,
+            compression=s.backup_compression,
+            zstd_threads=s.backup_zstd_threads,
         ),
         "deploy_targets": DeployTargets(
-            pm2=Pm2Resource(pm2_bin=os.environ.get("OPS_PM2_BIN", "")),
+            pm2=Pm2Resource(pm2_bin=s.pm2_bin),
             docker=docker,
-            kubernetes=KubernetesResource(api_server=os.environ.get("OPS_K8S_API_SERVER", ""),
-                                          token=_env_secret("OPS_K8S_TOKEN")),
+            kubernetes=KubernetesResource(api_server=s.k8s_api_server, token=_env_secret("OPS_K8S_TOKEN")),
             prober=HttpProber(),
         ),
         "docker_engine": docker,
-        "notifier": Notifier(slack_token=_env_secret("SLACK_BOT_TOKEN"), slack_channel=os.environ.get("OPS_SLACK_CHANNEL", "")),
+        "notifier": Notifier(slack_token=_env_secret("SLACK_BOT_TOKEN"), slack_channel=s.slack_channel),
     }
 
 
 # One Definitions per domain (release, backup), merged here with the resources every domain shares.
-defs = dg.Definitions.merge(release_domain.defs, backup_domain.defs, dg.Definitions(resources=build_resources()))
+defs = dg.Definitions.merge(release_domain.defs, backup_domain.defs, dg.Definitions(resources=build_resources(settings())))

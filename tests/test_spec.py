@@ -93,20 +93,35 @@ def test_presets_are_valid_release_configs(preset):
     assert validate_release_config(cfg) == []
 
 
-def test_schedule_settings_are_validated_naming_the_variable(monkeypatch):
-    from ops_pipeline.backup.schedules import ScheduleSettingsError, build_schedules
+def test_settings_are_parsed_once_and_every_bad_variable_is_named(monkeypatch):
+    from ops_pipeline.backup.schedules import build_schedules
+    from ops_pipeline.platform.settings import SettingsError, load_settings
 
     monkeypatch.setenv("OPS_TIMEZONE", "Mars/Olympus_Mons")
-    with pytest.raises(ScheduleSettingsError, match="OPS_TIMEZONE"):
-        build_schedules()
-    monkeypatch.setenv("OPS_TIMEZONE", "Europe/Berlin")
     monkeypatch.setenv("OPS_BACKUP_CRON", "0 25 * * *")
-    with pytest.raises(ScheduleSettingsError, match="OPS_BACKUP_CRON"):
-        build_schedules()
+    monkeypatch.setenv("OPS_HEALTH_PROBES_PER_TICK", "0")
+    monkeypatch.setenv("OPS_BACKUP_STORE", "ftp")
+    with pytest.raises(SettingsError) as err:
+        load_settings()
+    named = {p.split(":")[0] for p in err.value.problems}
+    assert named == {"OPS_TIMEZONE", "OPS_BACKUP_CRON", "OPS_HEALTH_PROBES_PER_TICK", "OPS_BACKUP_STORE"}
+    assert "Mars/Olympus_Mons" in str(err.value)
+    monkeypatch.setenv("OPS_TIMEZONE", "Europe/Berlin")
     monkeypatch.setenv("OPS_BACKUP_CRON", "0 2 * * *")
-    nightly, drill = build_schedules()
+    monkeypatch.delenv("OPS_HEALTH_PROBES_PER_TICK")
+    monkeypatch.delenv("OPS_BACKUP_STORE")
+    nightly, drill = build_schedules(load_settings())
     assert nightly.execution_timezone == "Europe/Berlin" and nightly.cron_schedule == "0 2 * * *"
     assert nightly.default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_a_bad_setting_stops_the_code_location_from_loading_with_its_name():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import ops_pipeline.definitions"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "OPS_HEALTH_PROBE_INTERVAL_S": "soon"}, timeout=120)
+    assert out.returncode != 0 and "OPS_HEALTH_PROBE_INTERVAL_S" in out.stderr and "soon" in out.stderr
 
 
 def test_rollback_of_an_unknown_environment_fails_clearly(instance):

@@ -4,5 +4,6 @@ import dagster as dg
 
 from ops_pipeline.backup.jobs import backup, restore_database_job, restore_drill_job
 from ops_pipeline.backup.schedules import build_schedules
+from ops_pipeline.platform.settings import settings
 
-defs = dg.Definitions(jobs=[backup, restore_drill_job, restore_database_job], schedules=build_schedules())
+defs = dg.Definitions(jobs=[backup, restore_drill_job, restore_database_job], schedules=build_schedules(settings()))

