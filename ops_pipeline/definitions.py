@@ -39,7 +39,9 @@ def _env_secret(name: str):
     return dg.EnvVar(name) if os.environ.get(name) else ""
 
 
-def build_resources(s: Settings) -> dict:
+def build_resources(s: Settings | None = None) -> dict:
+    """One resource per external system, from the settings (default: this process's, parsed once)."""
+    s = s or settings()
     docker = DockerEngine(base_url=os.environ.get("DOCKER_HOST", ""), registry_username=s.registry_username,
                           registry_password=_env_secret("OPS_REGISTRY_PASSWORD"))
     return {
@@ -71,4 +73,4 @@ def build_resources(s: Settings) -> dict:
 
 
 # One Definitions per domain (release, backup), merged here with the resources every domain shares.
-defs = dg.Definitions.merge(release_domain.defs, backup_domain.defs, dg.Definitions(resources=build_resources(settings())))
+defs = dg.Definitions.merge(release_domain.defs, backup_domain.defs, dg.Definitions(resources=build_resources()))

@@ -7,6 +7,8 @@ from datetime import UTC, datetime
 
 import dagster as dg
 import psycopg
+import urllib3
+from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field
 
 from ops_pipeline import backup as backups
@@ -179,7 +181,7 @@ def backup_failure(exc: Exception, redact) -> dg.Failure | None:
         permanent = exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
         return dg.Failure(description=f"backup store error ({'not retried' if permanent else 'will retry'}), nothing "
                                       f"partial kept: {redact(str(exc))[:500]}", allow_retries=not permanent)
-    if isinstance(exc, StoreError) or type(exc).__module__.startswith(("botocore", "boto3", "urllib3")):
+    if isinstance(exc, (StoreError, BotoCoreError, ClientError, urllib3.exceptions.HTTPError)):
         return dg.Failure(description=f"backup store error, nothing partial kept: {redact(str(exc))[:500]}",
                           allow_retries=True)
     return None

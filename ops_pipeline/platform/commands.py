@@ -1,8 +1,13 @@
 """Running external commands: built as data, run in one place, output streamed into the run log.
 
-Every command an op runs (npm, pg_dump, pm2, git, ...) goes through `run()`: its output is streamed
-line by line to a log function while it runs, secrets are masked on the way, a deadline is enforced,
-and the result keeps the output for parsing and the last lines for error messages.
+Every command whose output is a log (npm, yarn, pnpm, git, pm2, the app's test and migrate commands, ...) goes
+through `run()`: its output is streamed line by line to a log function while it runs, secrets are masked on the way,
+a deadline is enforced, and the result keeps the output for parsing and the last lines for error messages.
+
+Two kinds of process are started elsewhere, each in the one module that owns it: data pipelines whose stdout is the
+data (pg_dump -> zstd -> store, store -> pg_restore: backup/dump.py, verify.py, streamed.py, database.py, spool.py)
+and long-lived servers (nginx: targets/nginx.py, the host relay: targets/relay.py, PostgreSQL and Redis:
+platform/local_stack.py).
 """
 
 from __future__ import annotations

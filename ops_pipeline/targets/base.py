@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 LogFn = Callable[[str], None]
@@ -81,6 +81,22 @@ class RolloutReport:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """One step of a rollout: the new instance of `slot` joins as the old instance `retire` leaves. `slot` None: only
+    `retire` leaves (more old instances than slots); `retire` None: nothing leaves (more slots than old instances)."""
+
+    slot: int | None
+    retire: str | None
+
+
+def rollout_plan(old: Sequence[str], instances: int) -> list[Swap]:
+    """The order of a rollout, decided before anything runs: slot i's new instance takes old[i]'s place, one swap at
+    a time, and old instances beyond the slots leave at the end (scale down). Every target follows this plan."""
+    plan = [Swap(slot, old[slot] if slot < len(old) else None) for slot in range(instances)]
+    return plan + [Swap(None, name) for name in old[instances:]]
 
 
 class RolloutError(RuntimeError):

@@ -49,7 +49,7 @@ from ops_pipeline.platform.local_stack import free_port
 from ops_pipeline.platform.prober import HealthWait, HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
-from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport
+from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport, rollout_plan
 from ops_pipeline.targets.docker.engine import DockerEngine, ImageBuildError, image_tag
 from ops_pipeline.targets.nginx import HostNginx, NginxError
 from ops_pipeline.targets.procs import established_to
@@ -420,9 +420,14 @@ class DockerTarget(DeployTarget):
             gateway = self.ensure_network(log)
             env = self.container_env(app_env, version, gateway, log)
             self.nginx.apply(self._upstream(members), log)  # started on the first rollout; matches the engine's state
-            victims = list(old)
-            for slot in range(n):
-                pending, port = self._start(ref, slot, version, deploy_id, artifact, env)
+            victims = {c.name: c for c in old}
+            for step in rollout_plan([c.name for c in old], n):
+                victim = victims[step.retire] if step.retire else None
+                if step.slot is None:  # more old containers than slots (scale down)
+                    detail = self._retire(victim, members, log)
+                    report.add("removed", victim.name, victim.labels.get(LABEL_VERSION, "?"), started, f"{detail} (scale down)")
+                    continue
+                pending, port = self._start(ref, step.slot, version, deploy_id, artifact, env)
                 report.add("started", pending.name, version, started, f"published on 127.0.0.1:{port}")
                 wait = self._wait_healthy(pending, port, version)
                 detail = wait.detail()
@@ -434,7 +439,6 @@ class DockerTarget(DeployTarget):
                 # Capacity never drops (the leaving one finishes its in-flight requests), and each reload is
                 # one more moment at which nginx closes idle client keep-alive connections.
                 members[pending.name] = (port, version)
-                victim = victims.pop(0) if victims else None
                 if victim is not None:
                     members.pop(victim.name, None)
                 old_workers = self.nginx.apply(self._upstream(members), log)
@@ -443,9 +447,6 @@ class DockerTarget(DeployTarget):
                 if victim is not None:
                     detail = self._retire(victim, members, log, old_workers=old_workers)
                     report.add("removed", victim.name, victim.labels.get(LABEL_VERSION, "?"), started, detail)
-            for victim in victims:  # more old containers than slots (scale down)
-                detail = self._retire(victim, members, log)
-                report.add("removed", victim.name, victim.labels.get(LABEL_VERSION, "?"), started, f"{detail} (scale down)")
         except RolloutError:
             raise
         except (docker.errors.DockerException, NginxError, RuntimeError, OSError, subprocess.SubprocessError) as exc:

@@ -39,7 +39,7 @@ from ops_pipeline.platform.local_stack import free_port
 from ops_pipeline.platform.prober import HealthWait, HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
-from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport
+from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport, rollout_plan
 from ops_pipeline.targets.nginx import HostNginx, NginxError
 from ops_pipeline.targets.procs import established_to
 
@@ -388,8 +388,9 @@ class Pm2Target(DeployTarget):
         starts (at most one drain at a time). With `surge_all`, every new instance starts at once and old ones leave
         as new ones turn healthy."""
         new: list[str] = []
-        old = list(old)
-        slots = range(self.spec.target.instances)
+        plan = rollout_plan([i.name for i in old], self.spec.target.instances)
+        leaving = {i.name: i for i in old}
+        slots = [step.slot for step in plan if step.slot is not None]
         routing = threading.Lock()
         with ThreadPoolExecutor(max_workers=1) as drainer, ThreadPoolExecutor(max_workers=len(slots)) as starter:
             drains = []
@@ -407,15 +408,17 @@ class Pm2Target(DeployTarget):
             try:
                 pending = [starter.submit(self._surge_slot, slot, version, deploy_id, app_env, report, started, log)
                            for slot in slots] if surge_all else []
-                for slot in slots:
+                for step in plan:
+                    victim = leaving[step.retire] if step.retire else None
+                    if step.slot is None:  # more old instances than slots (scale down)
+                        swap(None, None, victim, "drained and stopped (scale down)")
+                        continue
                     if surge_all:
                         name, port = pending.pop(0).result()
                     else:
-                        name, port = self._surge_slot(slot, version, deploy_id, app_env, report, started, log)
+                        name, port = self._surge_slot(step.slot, version, deploy_id, app_env, report, started, log)
                     new.append(name)
-                    swap(name, port, old.pop(0) if old else None, "drained and stopped")
-                for victim in old:  # more old instances than slots (scale down)
-                    swap(None, None, victim, "drained and stopped (scale down)")
+                    swap(name, port, victim, "drained and stopped")
             finally:
                 for d in drains:
                     d.result()
