@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark: the seed's backup/restore script against ops_pipeline.backup, on a realistic ~1 GB database.
 
-    .venv/bin/python bench/backup.py [--gb 1.0] [--runs 2] [--explore [all|backup|restore]] [--keep]
+    .venv/bin/python bench/backup.py [--gb 1.0] [--runs 2] [--keep]
                                      [--database-url URL [--admin-database-url URL]]
 
 What it does, in one run:
@@ -16,10 +16,9 @@ What it does, in one run:
        our restore   `restore_into(...)` into a fresh database        (one streamed pass: COPY FREEZE per table, indexes as tables load, ANALYZE)
      and checks every restored database against the source (row counts, index and FK counts);
   4. prints the table, the ratios and the targets (backup >= 3x faster at no larger size, restore >= 1.5x);
-  5. with --explore, measures alternatives for our side (BackupStore compression and threads, read chunk,
-     pg_dump -Fd -j2 + tar, pg_restore jobs, maintenance_work_mem, parallel index workers,
-     --single-transaction, streamed restore, ANALYZE variants) and reports the fastest ones;
-  6. stops the stack and removes its temp dir (unless --keep).
+     (the exploration of alternatives that chose today's settings, `--explore`, was removed with the restore paths
+     the product no longer ships; its figures in bench/README.md came from commit 0fe2773's bench/backup.py)
+  5. stops the stack and removes its temp dir (unless --keep).
 
 Every step reports wall time and CPU seconds: the client's (this process and its children) and, with the
 local stack, the server's (postmaster + backends, from /proc). CPU is far less sensitive to other load than
@@ -32,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import platform
 import resource
@@ -40,10 +38,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -696,335 +693,10 @@ def report(facts: dict, source: dict, result: dict, runs: int) -> dict:
     return {"backup_x": backup_x, "size_x": size_x, "restore_x": restore_x}
 
 
-# ---- 5. exploration --------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def chunk_size(size: int) -> Iterator[None]:
-    """Temporarily change take_backup's pipe read size (a module constant). Benchmark only: nothing is edited."""
-    old = backups.common.CHUNK
-    backups.common.CHUNK = size
-    try:
-        yield
-    finally:
-        backups.common.CHUNK = old
-
-
-def compressor(level: int, threads: int, params: dict | None):
-    if not level:
-        return None
-    cp = zstandard.ZstdCompressionParameters.from_level(level, threads=threads, **(params or {}))
-    return zstandard.ZstdCompressor(compression_params=cp).compressobj()
-
-
-def fd_tar_backup(bench: Bench, m: Measure, *, jobs: int = 2, compress: str = "0", level: int = 3, threads: int = 0,
-                  params: dict | None = None) -> Path:
-    """`pg_dump -Fd -jN` into a temp dir, then `tar` streamed through zstd (level 0: none) into one file with sha256
-    and fsync; verification reads the file back (sha256), untars it (tar fails on truncation), then
-    `pg_restore --list` and `pg_restore -f /dev/null` on the directory. Returns the archive (kept for restores)."""
-    out = bench.work / "fd.tar.zst"
-    out.unlink(missing_ok=True)
-    start = bench.timed_start()
-    dump_dir = bench.work / "fd-dump"
-    verify_dir = Path(tempfile.mkdtemp(prefix="fd-verify-", dir=bench.work))
-    try:
-        run([bench.postgres.binary("pg_dump"), "--format=directory", f"--jobs={jobs}", f"--compress={compress}",
-             "--file", str(dump_dir)], env=bench.env(SOURCE_DB))
-        dump_s = time.monotonic() - start[0]
-        sha = hashlib.sha256()
-        tar = subprocess.Popen(["tar", "-C", str(dump_dir), "-cf", "-", "."], stdout=subprocess.PIPE)
-        assert tar.stdout is not None
-        comp = compressor(level, threads, params)
-        with open(out, "wb") as f:
-            while data := tar.stdout.read(1 << 20):
-                data = comp.compress(data) if comp else data
-                sha.update(data)
-                f.write(data)
-            if comp:
-                data = comp.flush()
-                sha.update(data)
-                f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if tar.wait() != 0:
-            raise RuntimeError("tar -c failed")
-        store_s = time.monotonic() - start[0] - dump_s
-        digest = sha.hexdigest()
-        shutil.rmtree(dump_dir)
-        unpack(out, verify_dir, compressed=bool(level), expected_sha=digest)
-        with open(os.devnull, "wb") as devnull:
-            run([bench.postgres.binary("pg_restore"), "--list", str(verify_dir)], stdout=devnull)
-            run([bench.postgres.binary("pg_restore"), "--file=/dev/null", str(verify_dir)])
-        seconds, cpu, load = bench.timed_end(start)
-    finally:
-        shutil.rmtree(dump_dir, ignore_errors=True)
-        shutil.rmtree(verify_dir, ignore_errors=True)
-    m.add(seconds, cpu, load, **{f"pg_dump -Fd -j{jobs} --compress={compress}": dump_s,
-                                 "tar + compress + sha256 + fsync": store_s,
-                                 "verify (read back, sha256, untar, pg_restore)": seconds - dump_s - store_s})
-    m.size = out.stat().st_size
-    return out
-
-
-def unpack(archive: Path, dest: Path, *, compressed: bool, expected_sha: str | None = None) -> None:
-    """Stream a (zstd-compressed) tar of a directory-format dump into `tar -x` (sha256 over the stored bytes)."""
-    sha = hashlib.sha256()
-    untar = subprocess.Popen(["tar", "-C", str(dest), "-xf", "-"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert untar.stdin is not None
-    dobj = zstandard.ZstdDecompressor().decompressobj() if compressed else None
-    with open(archive, "rb") as f:
-        while data := f.read(1 << 20):
-            sha.update(data)
-            untar.stdin.write(dobj.decompress(data) if dobj else data)
-    untar.stdin.close()
-    err = untar.stderr.read().decode(errors="replace") if untar.stderr else ""
-    if untar.wait() != 0:
-        raise RuntimeError(f"tar -x failed: {err[-300:]}")
-    if expected_sha and sha.hexdigest() != expected_sha:
-        raise RuntimeError("sha256 of the stored archive changed")
-
-
-def analyze(bench: Bench, database: str, mode: str) -> None:
-    """'all': plain ANALYZE (what restore_into does; it also visits the catalogs); 'tables': ANALYZE of the user
-    tables only; 'tables2': the same on two connections."""
-    url = bench.db_url(database)
-    if mode == "all":
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute("ANALYZE")
-        return
-    with psycopg.connect(url) as conn:
-        tables = [r[0] for r in conn.execute(
-            """SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) FROM pg_tables
-                WHERE schemaname NOT IN ('pg_catalog', 'information_schema')""")]
-    run_parallel(url, [f"ANALYZE {t}" for t in tables], workers=2 if mode == "tables2" else 1)
-
-
-def restore_variant(bench: Bench, manifest: dict, m: Measure, *, jobs: int = 2, options: dict[str, str] | None = None,
-                    single_transaction: bool = False, stream: bool = False, analyze_mode: str = "all",
-                    fd_archive: Path | None = None) -> None:
-    """restore_into with knobs: pg_restore jobs, PGOPTIONS, --single-transaction, streaming from the store into
-    pg_restore's stdin (no temp file; not with -j), ANALYZE mode, and a -Fd archive (tar.zst) instead of -Fc."""
-    opts = {"maintenance_work_mem": "512MB", "synchronous_commit": "off", **(options or {})}
-    target = bench.new_db_name("x")
-    start = bench.timed_start()
-    tmpdir = Path(tempfile.mkdtemp(prefix="restore-", dir=bench.work))
-    path = tmpdir / "dump.pgc"
-    try:
-        if fd_archive is not None:
-            path = tmpdir / "dump"
-            path.mkdir()
-            unpack(fd_archive, path, compressed=fd_archive.name.endswith(".zst"))
-        elif not stream:
-            sha = hashlib.sha256()
-            with open(path, "wb") as f:
-                backups.stream_decompressed(bench.store, manifest["scope"], manifest["id"], f.write, sha)
-            if sha.hexdigest() != manifest["sha256"]:
-                raise RuntimeError("sha256 mismatch")
-        fetch_s = time.monotonic() - start[0]
-        create_db(bench, target)
-        env = bench.env(target)
-        env["PGOPTIONS"] = " ".join(f"-c {k}={v}" for k, v in opts.items())
-        argv = [bench.postgres.binary("pg_restore"), "--exit-on-error", "--no-owner", "--no-privileges", "--dbname", target]
-        argv += ["--single-transaction"] if single_transaction else [f"--jobs={jobs}"]
-        t_restore = time.monotonic()
-        if stream:
-            stream_restore(bench, manifest, argv, env)
-        else:
-            run(argv + [str(path)], env=env)
-        restore_s = time.monotonic() - t_restore
-        t_analyze = time.monotonic()
-        analyze(bench, target, analyze_mode)
-        analyze_s = time.monotonic() - t_analyze
-        seconds, cpu, load = bench.timed_end(start)
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
-    check_restored(bench, target)
-    drop_db(bench, target)
-    m.add(seconds, cpu, load, **{"fetch (decompress to temp file / untar)": fetch_s, "pg_restore": restore_s,
-                                 f"ANALYZE ({analyze_mode})": analyze_s})
-
-
-def stream_restore(bench: Bench, manifest: dict, argv: list[str], env: dict) -> None:
-    """Decompress from the store straight into pg_restore's stdin (sha256 checked at the end)."""
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    err: list[bytes] = []
-    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    sha = hashlib.sha256()
-    assert proc.stdin is not None
-    try:
-        backups.stream_decompressed(bench.store, manifest["scope"], manifest["id"], proc.stdin.write, sha)
-    finally:
-        proc.stdin.close()
-    rc = proc.wait()
-    reader.join(5)
-    if rc != 0 or sha.hexdigest() != manifest["sha256"]:
-        raise RuntimeError(f"streamed pg_restore failed (rc {rc}): {b''.join(err).decode(errors='replace')[-500:]}")
-
-
-@dataclass
-class Variant:
-    name: str
-    run: Callable[[Measure], object]
-
-
-def run_variants(variants: list[Variant], runs: int) -> list[Measure]:
-    """Round-robin over the variants (run 1 of all, then run 2 of all) so drifting load spreads evenly."""
-    measures = [Measure(v.name) for v in variants]
-    for r in range(runs):
-        for v, m in zip(variants, measures, strict=True):
-            v.run(m)
-            log(f"explore run {r + 1}: {v.name}: {m.runs[-1]:.1f} s" + (f", {m.size / MB:.1f} MB" if m.size else ""))
-    return measures
-
-
-def explore_backup(bench: Bench, runs: int) -> tuple[list[Measure], dict[str, Path]]:
-    """take_backup itself with other zstd levels/threads/parameters/chunk sizes, and a -Fd -j2 alternative."""
-
-    def tb(compression: str = "zstd-dump", threads: int = 2, chunk: int = 1 << 20) -> Callable[[Measure], object]:
-        store = BackupStore(local_dir=bench.store.local_dir, compression=compression, zstd_threads=threads)
-
-        def go(m: Measure) -> None:
-            with chunk_size(chunk):
-                our_backup(bench, m, store=store)
-        return go
-
-    fd_files: dict[str, Path] = {}  # variant name -> its newest archive (kept for the restore exploration)
-
-    def fd(name: str, **kw) -> Variant:
-        keep_as = bench.work / f"fd-archive-{len(fd_files)}.tar{'.zst' if kw.get('level', 3) else ''}"
-        fd_files[name] = keep_as
-        return Variant(name, lambda m: fd_tar_backup(bench, m, **kw).replace(keep_as))
-
-    variants = [Variant("take_backup: zstd-dump, threads=2, 1 MiB chunks (shipped)", tb())]
-    for compression, threads in (("zstd-dump", 0), ("zstd-1", 0), ("zstd-3", 0), ("zstd-3", 2), ("zstd-5", 2),
-                                 ("zstd-6", 2), ("zstd-7", 2)):
-        variants.append(Variant(f"take_backup: {compression}, threads={threads}", tb(compression, threads)))
-    variants += [
-        Variant("take_backup: zstd-dump, threads=2, 128 KiB chunks", tb(chunk=128 << 10)),
-        Variant("take_backup: zstd-dump, threads=2, 4 MiB chunks", tb(chunk=4 << 20)),
-        fd("-Fd -j2 -Z0 | tar | zstd-3, threads=0", level=3, threads=0),
-        fd("-Fd -j2 -Z0 | tar | zstd-3 min_match=6, threads=0", level=3, threads=0, params={"min_match": 6}),
-        fd("-Fd -j2 -Z0 | tar | zstd-1, threads=2", level=1, threads=2),
-        fd("-Fd -j2 --compress=gzip:1 | tar (no zstd)", compress="gzip:1", level=0),
-    ]
-    return run_variants(variants, runs), fd_files
-
-
-def explore_restore(bench: Bench, manifest: dict, fd_archive: Path | None, runs: int) -> list[Measure]:
-    def ri(jobs: int) -> Callable[[Measure], object]:
-        return lambda m: our_restore(bench, manifest, m, jobs=jobs)
-
-    def rv(**kw) -> Callable[[Measure], object]:
-        return lambda m: restore_variant(bench, manifest, m, **kw)
-
-    variants = [
-        Variant(f"restore_into: current (--jobs={backups.RESTORE_JOBS})", ri(backups.RESTORE_JOBS)),
-        *[Variant(f"restore_into: --jobs={j}", ri(j)) for j in (1, 2, 3) if j != backups.RESTORE_JOBS],
-        Variant("pg_restore path: -j3, mwm 512MB, ANALYZE", rv(jobs=3)),
-        Variant("pg_restore path: -j2, mwm 512MB, ANALYZE", rv()),
-        Variant("pg_restore path: maintenance_work_mem=64MB", rv(options={"maintenance_work_mem": "64MB"})),
-        Variant("pg_restore path: maintenance_work_mem=256MB", rv(options={"maintenance_work_mem": "256MB"})),
-        Variant("pg_restore path: maintenance_work_mem=1GB", rv(options={"maintenance_work_mem": "1GB"})),
-        Variant("pg_restore path: max_parallel_maintenance_workers=0", rv(options={"max_parallel_maintenance_workers": "0"})),
-        Variant("pg_restore path: --single-transaction (no -j), temp file", rv(single_transaction=True)),
-        Variant("pg_restore path: --single-transaction, streamed (no temp file)", rv(single_transaction=True, stream=True)),
-        Variant("pg_restore path: ANALYZE user tables only", rv(analyze_mode="tables")),
-        Variant("pg_restore path: ANALYZE user tables, 2 connections", rv(analyze_mode="tables2")),
-    ]
-    if fd_archive is not None:
-        variants.append(Variant("pg_restore path: from the -Fd tar.zst archive (untar, -j2)", rv(fd_archive=fd_archive)))
-    return run_variants(variants, runs)
-
-
-def restore_combo(bench: Bench, manifest: dict, measures: list[Measure], runs: int) -> list[Measure]:
-    """Combine the individually-best restore knobs (jobs, maintenance_work_mem, parallel workers, ANALYZE mode)."""
-    best = {m.name: m.best for m in measures}
-    base = best["pg_restore path: -j2, mwm 512MB, ANALYZE"]
-    jobs = min((best["pg_restore path: -j2, mwm 512MB, ANALYZE"], 2),
-               (best["pg_restore path: -j3, mwm 512MB, ANALYZE"], 3))[1]
-    mwm = min((best["pg_restore path: maintenance_work_mem=64MB"], "64MB"), (best["pg_restore path: maintenance_work_mem=256MB"], "256MB"),
-              (base, "512MB"), (best["pg_restore path: maintenance_work_mem=1GB"], "1GB"))[1]
-    options = {"maintenance_work_mem": mwm}
-    if best["pg_restore path: max_parallel_maintenance_workers=0"] < base:
-        options["max_parallel_maintenance_workers"] = "0"
-    mode = min((base, "all"), (best["pg_restore path: ANALYZE user tables only"], "tables"),
-               (best["pg_restore path: ANALYZE user tables, 2 connections"], "tables2"))[1]
-    name = f"combined: -j{jobs}, " + ", ".join(f"{k}={v}" for k, v in options.items()) + f", ANALYZE {mode}"
-    return run_variants([Variant(name, lambda m: restore_variant(bench, manifest, m, jobs=jobs, options=options,
-                                                                 analyze_mode=mode))], runs)
-
-
-def row_count_cost(bench: Bench) -> float:
-    """What take_backup's in-snapshot count(*) of every table costs on its own (it runs beside pg_dump)."""
-    t0 = time.monotonic()
-    with psycopg.connect(bench.db_url(SOURCE_DB)) as conn:
-        for t in (k for k in bench.expected if not k.startswith(("#", "sum("))):
-            conn.execute(f"SELECT count(*) FROM {t}").fetchone()
-    return time.monotonic() - t0
-
-
-def explore(bench: Bench, result: dict, runs: int, what: str = "all") -> None:
-    fd_files: dict[str, Path] = {}
-    if what in ("all", "backup"):
-        fd_files = explore_backups(bench, result, runs)
-    if what in ("all", "restore"):
-        explore_restores(bench, result, runs, fd_files)
-
-
-def explore_backups(bench: Bench, result: dict, runs: int) -> dict[str, Path]:
-    seed_b = result["seed_backup"]
-    print("\n=== explore: backup (including verification) ===", flush=True)
-    log(f"take_backup's row counts alone (all tables, one connection): {row_count_cost(bench):.1f} s")
-    b_measures, fd_files = explore_backup(bench, runs)
-    print_table(b_measures, f"=== explore: backup variants (best of {runs}) ===")
-    current = b_measures[0]
-    print(f"\nseed backup: best {seed_b.best:.1f} s, {total_cpu(seed_b):.1f} CPU s, {seed_b.size / MB:.1f} MB. "
-          f"Current take_backup: {current.best:.1f} s, {total_cpu(current):.1f} CPU s, {current.size / MB:.1f} MB.")
-    small = [m for m in b_measures if m.size <= seed_b.size]
-    for label, pool, key in (("fastest (wall)", b_measures, lambda m: m.best),
-                             ("least CPU", b_measures, total_cpu),
-                             ("fastest (wall) no larger than the seed's file", small, lambda m: m.best),
-                             ("least CPU no larger than the seed's file", small, total_cpu)):
-        if key is total_cpu and bench.postmaster is None:
-            continue  # server CPU unknown (not a local server)
-        if not pool:
-            print(f"{label}: none")
-            continue
-        f = min(pool, key=key)
-        print(f"{label}: {f.name}: {f.best:.1f} s, {total_cpu(f):.1f} CPU s, {f.size / MB:.1f} MB "
-              f"(wall {current.best / f.best:.2f}x vs current, {seed_b.best / f.best:.2f}x vs seed; "
-              f"CPU {total_cpu(current) / total_cpu(f):.2f}x vs current; size {seed_b.size / f.size:.3f}x vs seed)")
-
-    return fd_files
-
-
-def explore_restores(bench: Bench, result: dict, runs: int, fd_files: dict[str, Path]) -> None:
-    seed_r = result["seed_restore"]
-    print("\n=== explore: restore ===", flush=True)
-    fd_archive = next((p for n, p in fd_files.items() if "zstd-3, threads=0" in n), None)
-    r_measures = explore_restore(bench, result["manifest"], fd_archive, runs)
-    r_measures += restore_combo(bench, result["manifest"], r_measures, runs)
-    print_table(r_measures, f"=== explore: restore variants (best of {runs}) ===")
-    current = r_measures[0]
-    print(f"\nseed restore: best {seed_r.best:.1f} s, {total_cpu(seed_r):.1f} CPU s. "
-          f"Current restore_into: {current.best:.1f} s, {total_cpu(current):.1f} CPU s.")
-    for label, key in (("fastest (wall)", lambda m: m.best), ("least CPU", total_cpu)):
-        if key is total_cpu and bench.postmaster is None:
-            continue  # server CPU unknown (not a local server)
-        f = min(r_measures, key=key)
-        print(f"{label}: {f.name}: {f.best:.1f} s, {total_cpu(f):.1f} CPU s (wall {current.best / f.best:.2f}x vs current, "
-              f"{seed_r.best / f.best:.2f}x vs seed; CPU {total_cpu(current) / total_cpu(f):.2f}x vs current)")
-
-
-# ---- main ------------------------------------------------------------------------------------------
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gb", type=float, default=1.0, help="source database size in GB (pg_database_size), default 1.0")
     p.add_argument("--runs", type=int, default=2, help="timed runs per step (best is reported), default 2")
-    p.add_argument("--explore", nargs="?", const="all", choices=["all", "backup", "restore"],
-                   help="also measure alternatives for our side (all, or only backup / restore)")
-    p.add_argument("--explore-runs", type=int, default=2, help="runs per explored variant, default 2")
     p.add_argument("--keep", action="store_true", help="keep the stack, the temp dir and the databases")
     p.add_argument("--reuse", action="store_true", help="reuse an existing opsbench_src of the right size (with --database-url)")
     p.add_argument("--database-url", default="", help="use this server (role with CREATEDB) instead of a local stack")
@@ -1057,8 +729,6 @@ def main(argv: list[str] | None = None) -> int:
         log(f"warm-up dump (untimed): {warm_up(bench):.1f} s")
         result = compare(bench, args.runs)
         report(facts, source, result, args.runs)
-        if args.explore:
-            explore(bench, result, args.explore_runs, args.explore)
         print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         return 0
     finally:

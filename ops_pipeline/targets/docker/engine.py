@@ -1,5 +1,7 @@
 """Docker Engine API (the docker SDK, honouring DOCKER_HOST): OCI image build/push/pull, one-off containers.
 
+(Over 400 lines: the build context, the build, the registry push and pull are one system's API.)
+
 The Docker target (target.py) runs its containers through this resource; this module knows nothing of the target,
 so imports run one way: targets/resource.py and docker/target.py -> docker/engine.py -> base.py.
 

@@ -1,5 +1,8 @@
 """Docker Engine target: N replica containers of the app on a user-defined network, behind nginx on the host.
 
+(Over 400 lines: the rollout, its failure paths and the container's environment, secrets and health belong together;
+the engine client, the front proxy and the host relays are already in their own modules.)
+
 Everything goes through the Docker Engine API (DOCKER_HOST: Docker, or Podman's Docker-compatible service).
 
     containers   <app>-<env>-<slot>-<deploy id>, labels ops.app / ops.environment / ops.version / ops.slot /

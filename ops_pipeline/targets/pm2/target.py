@@ -1,5 +1,8 @@
 """PM2 target: one PM2 process per instance on this host, each on its own port, behind an nginx front proxy.
 
+(Over 400 lines: the PM2 CLI, release folders, the rollout with its drain and its recovery are one system's
+behaviour; the front proxy and the process helpers are in ../nginx.py and ../procs.py.)
+
 Layout per environment (`<state>/envs/<env>/` by default):
 
     app/releases/<version>/   hard-linked copy of the release bundle (+ release.json)
