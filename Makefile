@@ -22,7 +22,7 @@ LAUNCH = $(BIN)/python -m ops_pipeline.platform.run_report launch $(if $(VERBOSE
 
 SPEC ?= presets/$(ENVIRONMENT).yaml
 
-.PHONY: setup nginx demo release rollback backup drill ui test test-fast validate init status down clean
+.PHONY: setup nginx demo release plan rollback backup drill ui test test-fast validate init status down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,10 @@ demo: setup
 ## release: a release from a spec file (SPEC=path; default presets/$(ENVIRONMENT).yaml).
 release: setup
 	@$(LAUNCH) release $(SPEC)
+
+## plan: what `make release` would do with the same SPEC, with no side effect (the `plan` job, a dry run).
+plan: setup
+	@$(LAUNCH) plan $(SPEC)
 
 rollback: setup
 	@$(LAUNCH) rollback presets/rollback-$(ENVIRONMENT).yaml

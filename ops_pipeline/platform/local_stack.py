@@ -401,6 +401,11 @@ class LocalStack(dg.ConfigurableResource):
         self._start_redis(state)
         return self.services(state, database=database, role=role, redis_db=redis_db)
 
+    def running_services(self, *, database: str | None = None, role: str | None = None) -> LocalServices | None:
+        """The connection settings of a stack that is running now, else None; starts and creates nothing (plans)."""
+        state = self._load_state()
+        return self.services(state, database=database, role=role) if state and _port_answers(state["pg_port"]) else None
+
     def is_running(self) -> dict[str, bool]:
         state = self._load_state()
         if not state:

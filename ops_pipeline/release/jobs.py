@@ -14,6 +14,7 @@ from ops_pipeline.release.ops.artifact import build_image
 from ops_pipeline.release.ops.deploy import rolling_deploy
 from ops_pipeline.release.ops.health import health_gate
 from ops_pipeline.release.ops.migrate import migrate_database
+from ops_pipeline.release.ops.plan import plan_release
 from ops_pipeline.release.ops.preflight import verify_env
 from ops_pipeline.release.ops.rollback import plan_rollback, rollback_deploy, rollback_gate
 from ops_pipeline.release.ops.tests import run_tests
@@ -54,3 +55,22 @@ def release():
 )
 def rollback():
     rollback_gate(rollback_deploy(plan_rollback()))
+
+
+@dg.job(
+    name="plan",
+    description=(
+        "A dry run of a release with the same spec: version, artifact (built or reused), what serves now and the order "
+        "in which instances would change, pending migrations against the live database, the backup it would take and "
+        "its estimated time. No side effect: nothing is built, deployed, locked, backed up or recorded."
+    ),
+    executor_def=dg.in_process_executor,
+    tags={"ops/kind": "plan"},
+    # The release's own spec file plans it: `ops.verify_env.config`, mapped onto plan_release.
+    config=dg.ConfigMapping(
+        config_fn=lambda c: {"ops": {"plan_release": {"config": c["ops"]["verify_env"]["config"]}}},
+        config_schema={"ops": {"verify_env": {"config": plan_release.config_schema.as_field()}}},
+    ),
+)
+def plan():
+    plan_release()
