@@ -156,7 +156,7 @@ def test_rolling_deploy_and_health_gate_ops(node_app, local_stack, instance, env
     assert md["instances_rolled"].value == deployment["rollout"]["instances"]
     r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert r.status_code == 200 and r.json()["version"] == "d1"
-    with dg.build_op_context(resources={"local_stack": LocalStack(), "deploy_targets": targets}, instance=instance) as ctx:
+    with dg.build_op_context(resources={**resources(), "deploy_targets": targets}, instance=instance) as ctx:
         out = health_gate(ctx, spec, deployment)
     assert out["gate"]["probes"] >= 3 and out["gate"]["instances_checked"] == 2
     # the gate's history entry is logged as an event by the op; in a real run it lands in deployments/<env>

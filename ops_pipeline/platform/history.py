@@ -94,12 +94,16 @@ class EnvironmentHistory:
 
     @property
     def bad_versions(self) -> set[str]:
+        """Versions whose last word is a failure: a failed release, or rolled back from. A later successful release
+        of the same version (a failed release resumed, or released again on purpose) clears it."""
         bad = set()
-        for e in self.events:
+        for e in reversed(self.events):  # oldest first
             if e.event == RELEASE_FAILED:
                 bad.add(e.version)
             elif e.event == ROLLED_BACK and e.get("from_version"):
                 bad.add(e.get("from_version"))
+            elif e.event == RELEASED:
+                bad.discard(e.version)
         return bad
 
     @property

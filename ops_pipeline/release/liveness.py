@@ -278,3 +278,15 @@ def sweep(instance: dg.DagsterInstance, *, job_names: set[str] | None = None, de
         declared = declare_dead(instance, run, verdict, detected_by=detected_by) if verdict.dead else False
         out.append((run, verdict, declared))
     return out
+
+
+FAILED_RUN_TAG = "ops/failed_run"  # on a rollback requested because this release run failed
+
+
+def resumed_by(instance: dg.DagsterInstance, run_id: str) -> dg.DagsterRun | None:
+    """The re-execution of a failed run (Dagster's "re-execute from failure") that is queued, running or succeeded:
+    the failed release was resumed, so the rollback its failure requested must stand down."""
+    live = [s for s in dg.DagsterRunStatus if s not in (dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED,
+                                                         dg.DagsterRunStatus.CANCELING)]
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/parent_run_id": run_id}, statuses=live), limit=1)
+    return runs[0] if runs else None

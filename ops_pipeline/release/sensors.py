@@ -32,6 +32,7 @@ from ops_pipeline.platform.settings import settings
 from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.release import liveness
 from ops_pipeline.release.jobs import release, rollback
+from ops_pipeline.release.liveness import FAILED_RUN_TAG
 from ops_pipeline.targets.resource import DeployTargets
 
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
@@ -68,12 +69,16 @@ def active_runs(instance: dg.DagsterInstance, environment: str) -> list:
     return list(instance.get_runs(filters=dg.RunsFilter(tags={"ops/environment": environment}, statuses=ACTIVE), limit=5))
 
 
-def rollback_request(environment: str, bad_version: str, reason: str, run_key: str, trigger: str) -> dg.RunRequest:
+def rollback_request(environment: str, bad_version: str, reason: str, run_key: str, trigger: str,
+                     failed_run: str = "") -> dg.RunRequest:
+    """`failed_run`: the failed release this rollback answers; if that release is resumed (re-executed from failure)
+    before the rollback runs, the rollback stands down (plan_rollback)."""
     return dg.RunRequest(
         run_key=run_key,
         run_config={"ops": {"plan_rollback": {"config": {"environment": environment, "bad_version": bad_version,
                                                          "reason": reason}}}},
-        tags={"ops/environment": environment, "ops/trigger": trigger, "ops/bad_version": bad_version},
+        tags={"ops/environment": environment, "ops/trigger": trigger, "ops/bad_version": bad_version,
+              **({FAILED_RUN_TAG: failed_run} if failed_run else {})},
     )
 
 
@@ -292,6 +297,10 @@ def rollback_on_release_failure(context: dg.RunFailureSensorContext):
     if not set(failed_steps) & DEPLOY_STEPS:
         return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps) or 'start'}, before anything "
                              "was deployed: nothing to roll back")
+    resumed = liveness.resumed_by(context.instance, run.run_id)
+    if resumed is not None:
+        return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps)} and was resumed by run "
+                             f"{resumed.run_id[:8]} ({resumed.status.value}): no rollback")
     cfg = (run.run_config or {}).get("ops", {}).get("verify_env", {}).get("config", {})
     environment = run.tags.get("ops/environment") or cfg.get("environment") or "local"
     bad = run.tags.get("ops/version") or cfg.get("version") or ""
@@ -303,7 +312,7 @@ def rollback_on_release_failure(context: dg.RunFailureSensorContext):
             return dg.SkipReason(f"release {run.run_id[:8]} died{died}; rollback of {bad} already requested "
                                  f"(run {requested[0].run_id[:8]})")
     return rollback_request(environment, bad, f"release run {run.run_id[:8]} failed at {', '.join(failed_steps)}{died}",
-                            f"release-failed:{run.run_id}", "release_failure")
+                            f"release-failed:{run.run_id}", "release_failure", failed_run=run.run_id)
 
 
 @dg.sensor(

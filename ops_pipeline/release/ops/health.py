@@ -8,8 +8,10 @@ from ops_pipeline.platform import history
 from ops_pipeline.platform.app_env import resolve_app_env
 from ops_pipeline.platform.failures import failure
 from ops_pipeline.platform.local_stack import LocalStack
+from ops_pipeline.platform.postgres import PostgresResource
 from ops_pipeline.platform.prober import HttpProber, Probe, percentile
 from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.release.ops.migrate import take_environment_lock
 from ops_pipeline.targets.resource import DeployTargets
 
 
@@ -61,9 +63,12 @@ def health_gate(
     spec: ReleaseSpec,
     deployment: dict,
     local_stack: LocalStack,
+    postgres: PostgresResource,
     deploy_targets: DeployTargets,
 ) -> dict:
     env = resolve_app_env(spec.config, local_stack)
+    # Held since the migration in a whole run; a run resumed from here (re-execute from failure) takes it now.
+    take_environment_lock(context, spec, postgres, env.database_url)
     target = deploy_targets.for_spec(spec, env.redactor)
     ok, evidence, _ = run_gate(spec, spec.version, deploy_targets.prober, target, context.log.info)
     md = {

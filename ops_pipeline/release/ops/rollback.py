@@ -10,6 +10,8 @@ from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.notify import Notifier
 from ops_pipeline.platform.postgres import PostgresResource
 from ops_pipeline.platform.spec import ENV_NAME, ReleaseSpec, SpecError
+from ops_pipeline.release import liveness
+from ops_pipeline.release.liveness import FAILED_RUN_TAG
 from ops_pipeline.release.ops.deploy import rollout_metadata
 from ops_pipeline.release.ops.health import run_gate
 from ops_pipeline.release.ops.migrate import take_environment_lock
@@ -39,6 +41,13 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
                   notifier: Notifier) -> dict:
     if not ENV_NAME.match(config.environment or ""):
         raise failure(f"environment: {config.environment!r} is not a valid environment name")
+    failed_run = context.run.tags.get(FAILED_RUN_TAG, "") if context.run else ""
+    resumed = liveness.resumed_by(context.instance, failed_run) if failed_run else None
+    if resumed is not None:
+        context.log.info(f"release run {failed_run[:8]} was resumed by run {resumed.run_id[:8]} ({resumed.status.value}) "
+                         "after this rollback was requested: standing down, nothing rolled back")
+        return {"environment": config.environment, "noop": True, "stood_down": True, "bad_version": config.bad_version,
+                "target_version": "", "reason": f"release {failed_run[:8]} resumed by {resumed.run_id[:8]}"}
     hist = history.load(context.instance, config.environment)
     if not hist.events:
         raise failure(f"environment: no release history for '{config.environment}' (unknown environment?)")
@@ -153,6 +162,9 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
 )
 def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: LocalStack, deploy_targets: DeployTargets,
                   notifier: Notifier) -> dict:
+    if deployed.get("stood_down"):
+        context.log.info(f"no rollback: {deployed['reason']}")
+        return {"version": "", "stood_down": True}
     spec = ReleaseSpec.from_json(deployed["target_spec"], version=deployed["target_version"], validate=False)
     env = resolve_app_env(spec.config, local_stack)
     target = deploy_targets.for_spec(spec, env.redactor)
