@@ -245,6 +245,62 @@ def ui_stack(tmp_path_factory):
     stack.stop()
 
 
+# --------------------------------------------------------------------------- the users' files (no servers)
+
+def render(tmp_path: Path, operators: str, viewers: str) -> subprocess.CompletedProcess:
+    """entrypoint.sh render with these two files' contents."""
+    (tmp_path / "ops").write_text(operators)
+    (tmp_path / "vws").write_text(viewers)
+    runtime = tmp_path / f"rt{os.urandom(3).hex()}"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin") + ":/usr/sbin:/sbin", "NGINX": NGINX,
+           "OPS_UI_OPERATORS_FILE": str(tmp_path / "ops"), "OPS_UI_VIEWERS_FILE": str(tmp_path / "vws"),
+           "OPS_UI_PROXY_RUNTIME": str(runtime), "OPS_UI_OPERATOR_UPSTREAM": "127.0.0.1:1",
+           "OPS_UI_VIEWER_UPSTREAM": "127.0.0.1:2", "OPS_UI_PROXY_LISTEN": "127.0.0.1:3",
+           "OPS_UI_PROXY_HEALTH_LISTEN": "127.0.0.1:4", "OPS_UI_PROXY_USER": "root"}
+    return subprocess.run(["sh", str(PROXY_DIR / "entrypoint.sh"), "render"], env=env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_users_files_are_checked_before_nginx_starts(tmp_path):
+    if not Path(NGINX).exists() or shutil.which("htpasswd") is None:
+        pytest.fail("nginx and htpasswd are needed (apt-get install nginx apache2-utils; .ci/run installs them)")
+    users = tmp_path / "users"
+    for name, role in (("ann", "operator"), ("ben", "viewer"), ("cy.d", "viewer")):
+        made = add_user(users, name, role, f"{name}-password-long")
+        assert made.returncode == 0, made.stderr
+    ops, vws = (users / "operators.htpasswd").read_text(), (users / "viewers.htpasswd").read_text()
+    assert [line.split(":")[0] for line in ops.splitlines()] == ["ann"]
+    assert all(line.split(":")[1].startswith("$2y$10$") for line in (ops + vws).splitlines())
+    assert "ann-password-long" not in ops + vws
+    ok = render(tmp_path, ops, vws)
+    assert ok.returncode == 0, ok.stderr
+    assert "1 operator(s), 2 viewer(s)" in ok.stderr
+
+    # a role change moves the user; delete removes them; short passwords and odd names are refused
+    assert add_user(users, "ben", "operator", "ben-new-password-long").returncode == 0
+    assert "ben:" in (users / "operators.htpasswd").read_text()
+    assert "ben:" not in (users / "viewers.htpasswd").read_text()
+    assert add_user(users, "ben", "delete", "").returncode == 0
+    assert "ben:" not in (users / "operators.htpasswd").read_text() + (users / "viewers.htpasswd").read_text()
+    assert add_user(users, "dee", "viewer", "short").returncode != 0
+    assert add_user(users, "e:f", "viewer", "long-enough-password").returncode != 0
+
+    hash_line = ops.splitlines()[0]
+    refused = {
+        "plaintext password": (ops + "eve:secret-in-clear\n", vws),
+        "MD5 (apr1) hash": (ops + "eve:$apr1$abcdefgh$0123456789abcdefghijkl\n", vws),
+        "user in both roles": (ops, vws + hash_line + "\n"),
+        "user twice": (ops + hash_line + "\n", vws),
+        "no users at all": ("# nobody\n", "\n"),
+        "name nginx's map could misread": (ops + hash_line.replace("ann:", "a(n)n:") + "\n", vws),
+    }
+    for case, (operators, viewers) in refused.items():
+        proc = render(tmp_path, operators, viewers)
+        assert proc.returncode != 0, f"{case}: accepted\n{proc.stderr}"
+        assert "ui_proxy:" in proc.stderr, (case, proc.stderr)
+        assert "secret-in-clear" not in proc.stderr and "$2y$" not in proc.stderr, (case, proc.stderr)
+
+
 # ------------------------------------------------------------------------------------------- direct requests
 
 UNAUTHENTICATED_PATHS = ["/", "/overview", "/runs", "/locations/ops_pipeline/jobs/backup/playground", "/server_info",
