@@ -35,7 +35,8 @@ CHROMIUM = os.environ.get("OPS_CHROMIUM") or shutil.which("chromium") or "/usr/b
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
-pytestmark = [pytest.mark.e2e]
+# one worker runs them all: they share one set of servers (module fixture)
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("ui_auth")]
 
 LOCATION = "ops_pipeline"
 REPOSITORY = "__repository__"
@@ -107,7 +108,7 @@ def wait_until(what: str, predicate, procs: list[Proc], timeout: float = 180) ->
         try:
             if predicate():
                 return
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError) as exc:  # not up yet, or not JSON yet (a 502 page)
             last = exc
         time.sleep(0.5)
     raise AssertionError(f"timed out waiting for {what} ({last!r})\n" + "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs))
