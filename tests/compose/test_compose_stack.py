@@ -771,6 +771,32 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
         listing = stack.exec("user_code", ["sh", "-c", "find /var/backups/ops-pipeline -type f | sort"])
         assert "/backups/compose/" in listing and "/backups/compose-cli/" in listing, listing
 
+        # A recreated webserver at another address is found by the running proxy (it resolves the name per request,
+        # nginx would otherwise keep the old address until restarted). The old address is taken by a placeholder
+        # container meanwhile, so the new one cannot get it back.
+        def address(service: str) -> str:
+            container = stack.containers()[service]
+            container.reload()
+            return container.attrs["NetworkSettings"]["Networks"]["ops_pipeline_network"]["IPAddress"]
+        old_ip, proxy_id = address("webserver_readonly"), stack.containers()["ui_proxy"].id
+        stack.compose("stop", "webserver_readonly", timeout=300)
+        stack.compose("rm", "-f", "webserver_readonly", timeout=300)
+        placeholder = stack.client.containers.run(DEBIAN_STANDIN, ["sleep", "600"], detach=True, remove=True,
+                                                  network="ops_pipeline_network",
+                                                  labels={"ops-pipeline/test": "ip-placeholder"})
+        try:
+            stack.timed("recreate_webserver_readonly", stack.compose, "up", "-d", "--no-deps", "webserver_readonly",
+                        timeout=600)
+            new_ip = address("webserver_readonly")
+            assert new_ip != old_ip, f"webserver_readonly got its old address {old_ip} back: nothing proven"
+            stack.timed("viewer_back_through_proxy", wait_for, "the viewer's webserver again, through the same proxy",
+                        lambda: server_info(viewer), 300, stack=stack)
+        finally:
+            placeholder.remove(force=True)
+        assert stack.containers()["ui_proxy"].id == proxy_id
+        assert graphql(port, launch_query, launch_vars, auth=viewer)["launchRun"]["__typename"] == "UnauthorizedError"
+        ps = stack.containers()
+
         # compose's own health checks settle too (the daemon's first liveness check runs 60 s after start)
         for service in ps:
             stack.timed(f"healthy_{service}", wait_for, f"{service} healthy", lambda s=service: stack.health(s) == "healthy",
