@@ -342,6 +342,11 @@ def test_viewer_reads_and_every_mutation_is_refused(ui_stack):
 
     launched = s.data("victor.v", LAUNCH_RUN, launch_params({"test": "viewer"}))["launchRun"]
     assert launched == {"__typename": "UnauthorizedError", "message": "Authorization failed"}, launched
+    # the one launching mutation without a permission check of its own delegates to launchRun's
+    multiple = s.data("victor.v", """mutation($l: [ExecutionParams!]!) { launchMultipleRuns(executionParamsList: $l) {
+        __typename ... on LaunchMultipleRunsResult { launchMultipleRunsResult { __typename } } } }""",
+                      {"l": [launch_params({"test": "viewer"})["p"]] * 2})["launchMultipleRuns"]
+    assert [r["__typename"] for r in multiple["launchMultipleRunsResult"]] == ["UnauthorizedError"] * 2, multiple
     schedule = s.data("victor.v", SCHEDULE_STATE, SCHEDULE_SELECTOR)["scheduleOrError"]["scheduleState"]
     assert schedule["status"] == "RUNNING"
     stopped = s.data("victor.v", STOP_SCHEDULE, {"id": schedule["id"]})["stopRunningSchedule"]
