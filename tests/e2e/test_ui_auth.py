@@ -547,7 +547,7 @@ def test_browser_operator_launches_viewer_is_read_only(ui_stack, tmp_path):
                     assert "ERR_INVALID_AUTH_CREDENTIALS" in str(exc), exc
                     status = 401
                 assert status == 401, (user, status)
-                assert "Launch Run" not in current.page.content()
+                expect(current.page.get_by_text("Launch Run")).to_have_count(0)
                 current.close()
 
             # ---- the operator: the Launchpad launches (a backup run, queued: no daemon here)
