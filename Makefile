@@ -106,3 +106,9 @@ down:
 
 clean: down
 	rm -rf $(STATE)
+
+## ui-user: a user of the compose stack's UI (NAME=alice ROLE=operator|viewer|delete); asks for the password.
+.PHONY: ui-user
+ui-user:
+	@test -n "$(NAME)" -a -n "$(ROLE)" || { echo "usage: make ui-user NAME=alice ROLE=operator|viewer|delete"; exit 2; }
+	@docker/proxy/ui-user.sh "$(NAME)" "$(ROLE)"

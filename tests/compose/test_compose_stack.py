@@ -5,13 +5,15 @@ dagster's instance schema and the config schemas of the configured classes, and 
 invariants that tie the files together (location names, network and volume names, env vars, image names, pins).
 
 Bring-up (`-m containers`, a few minutes): builds local stand-in base images (no registry is reachable here),
-builds and starts the stack with `docker-compose up -d` against Podman's Docker API, waits for the webserver and the
-daemon, launches `backup` runs through the queue and the DockerRunLauncher, checks that each ran in its own
-container and that the per-environment limit serialised them, then `docker-compose down -v`.
+builds and starts the stack with `docker-compose up -d` against Podman's Docker API, waits for the webservers and the
+daemon through the UI proxy (401 without a user, the viewer's launch refused), launches `backup` runs as an operator
+through the proxy, the queue and the DockerRunLauncher, checks that each ran in its own container and that the
+per-environment limit serialised them, then `docker-compose down -v`.
 """
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -21,6 +23,7 @@ import shutil
 import subprocess
 import time
 import tomllib
+import urllib.error
 import urllib.request
 import uuid
 from datetime import UTC, datetime
@@ -38,8 +41,10 @@ INSTANCE_YAML = DOCKER_DIR / "dagster.yaml"
 WORKSPACE_YAML = DOCKER_DIR / "workspace.yaml"
 DOCKERFILE_DAGSTER = DOCKER_DIR / "Dockerfile_dagster"
 DOCKERFILE_USER_CODE = DOCKER_DIR / "Dockerfile_user_code"
+PROXY_DIR = DOCKER_DIR / "proxy"
 USER_CODE_IGNORE = DOCKER_DIR / "Dockerfile_user_code.dockerignore"
-DAGSTER_SERVICES = ("user_code", "webserver", "daemon")
+DAGSTER_SERVICES = ("user_code", "webserver", "webserver_readonly", "daemon")
+WEBSERVERS = ("webserver", "webserver_readonly")
 PROJECT = "opscomposetest"
 
 
@@ -161,8 +166,8 @@ def test_location_names_match():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert pyproject["tool"]["dagster"]["code_location_name"] == grpc["location_name"]
     assert pyproject["tool"]["dagster"]["module_name"] == option(argv, "-m", "--module-name")
-    # webserver and daemon load exactly this workspace file
-    for name in ("webserver", "daemon"):
+    # webservers and daemon load exactly this workspace file
+    for name in (*WEBSERVERS, "daemon"):
         assert option(services[name]["entrypoint"], "-w", "--workspace") == "workspace.yaml"
     assert "COPY dagster.yaml workspace.yaml /opt/dagster/dagster_home/" in DOCKERFILE_DAGSTER.read_text()
 
@@ -186,7 +191,7 @@ def test_every_env_var_of_the_instance_reaches_daemon_and_webserver():
     needed = env_refs(instance_config()) | launcher_env_names()
     assert {"DAGSTER_POSTGRES_HOST", "DAGSTER_POSTGRES_USER", "DAGSTER_POSTGRES_PASSWORD",
             "DAGSTER_POSTGRES_DB"} <= needed
-    for name in ("daemon", "webserver"):
+    for name in ("daemon", *WEBSERVERS):
         missing = sorted(needed - set(service_env(services[name])))
         assert not missing, f"{name} lacks {missing}: the launch fails with 'Tried to load environment variable'"
     # the run containers get the storage credentials (the instance ref they receive refers to them, P8)
@@ -226,9 +231,10 @@ def test_images_base_images_and_current_image():
     # DAGSTER_CURRENT_IMAGE is the user-code image itself: runs start in it
     assert service_env(user_code)["DAGSTER_CURRENT_IMAGE"] == user_code["image"]
     assert user_code["build"]["dockerfile"] == "docker/Dockerfile_user_code" and user_code["build"]["context"] == "."
-    # webserver and daemon share one image built from docker/Dockerfile_dagster
-    assert services["webserver"]["image"] == services["daemon"]["image"]
-    assert services["webserver"]["build"] == services["daemon"]["build"]
+    # webservers and daemon share one image built from docker/Dockerfile_dagster
+    for name in WEBSERVERS:
+        assert services[name]["image"] == services["daemon"]["image"]
+        assert services[name]["build"] == services["daemon"]["build"]
     assert services["webserver"]["build"]["dockerfile"] == "Dockerfile_dagster"
     # base images: the real ones by default, overridable (local stand-ins on machines without a registry)
     for name in DAGSTER_SERVICES:
@@ -292,13 +298,16 @@ def test_volumes_shared_with_run_containers():
     # compute logs: written by run containers, read by the webserver
     base_dir = config["compute_logs"]["config"]["base_dir"]
     assert mounts["ops_pipeline_compute_logs"] == base_dir
-    assert f"{key_of['ops_pipeline_compute_logs']}:{base_dir}" in services["webserver"]["volumes"]
+    for name in WEBSERVERS:
+        assert f"{key_of['ops_pipeline_compute_logs']}:{base_dir}" in services[name]["volumes"]
     # both databases keep their data in volumes
     for name in ("dagster_postgres", "app_postgres"):
         assert any(v.endswith(":/var/lib/postgresql/data") for v in services[name]["volumes"])
     # daemon (launches runs) and webserver (terminates them) reach the engine
     for name in ("daemon", "webserver"):
         assert "${DOCKER_SOCKET:-/var/run/docker.sock}:/var/run/docker.sock" in services[name]["volumes"]
+    # the viewers' webserver terminates nothing: no engine socket
+    assert not [v for v in services["webserver_readonly"]["volumes"] if "docker.sock" in v]
 
 
 def test_healthchecks_and_dependency_conditions():
@@ -313,10 +322,42 @@ def test_healthchecks_and_dependency_conditions():
             assert spec["condition"] in ("service_healthy", "service_started", "service_completed_successfully")
             if spec["condition"] == "service_healthy":
                 assert services[dependency].get("healthcheck"), f"{name} waits for {dependency}'s health, it has none"
-    for name in ("webserver", "daemon"):
+    for name in (*WEBSERVERS, "daemon"):
         assert services[name]["depends_on"]["dagster_postgres"]["condition"] == "service_healthy"
         assert services[name]["depends_on"]["user_code"]["condition"] == "service_healthy"
     assert services["user_code"]["restart"] == "always"
+
+
+def test_only_the_ui_proxy_is_published_and_routes_to_both_webservers():
+    """The webservers are reachable through ui_proxy only; it sends operators to the launching one, viewers to the
+    --read-only one (what those do is tested with real processes in tests/e2e/test_ui_auth.py and below)."""
+    doc = compose()
+    services = doc["services"]
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"ui_proxy"}, f"published services: {published} (the webservers have no login of their own)"
+    (port,) = services["ui_proxy"]["ports"]
+    bind, _, target = interpolate_defaults(port).rpartition(":")
+    assert bind.startswith("127.0.0.1:") and target == "8080", port
+    assert "--read-only" in services["webserver_readonly"]["entrypoint"]
+    assert "--read-only" not in services["webserver"]["entrypoint"]
+    env = service_env(services["ui_proxy"])
+    for key, name in (("OPS_UI_OPERATOR_UPSTREAM", "webserver"), ("OPS_UI_VIEWER_UPSTREAM", "webserver_readonly")):
+        host, _, upstream_port = env[key].partition(":")
+        assert host == name and upstream_port == option(services[name]["entrypoint"], "-p", "--port"), (key, env[key])
+    # the users come as secrets from files outside the repository's tracked files, never inline
+    assert set(services["ui_proxy"]["secrets"]) == {"ui_operators", "ui_viewers"}
+    for secret, var in (("ui_operators", "OPS_UI_OPERATORS_HTPASSWD"), ("ui_viewers", "OPS_UI_VIEWERS_HTPASSWD")):
+        assert doc["secrets"][secret]["file"].startswith("${" + var + ":-./docker/proxy/users/")
+        assert env[f"OPS_UI_{secret.removeprefix('ui_').upper()}_FILE"] == f"/run/secrets/{secret}"
+    ignored = subprocess.run(["git", "check-ignore", "-q", "docker/proxy/users/operators.htpasswd"], cwd=ROOT,
+                             check=False).returncode
+    assert ignored == 0, "docker/proxy/users/ must be git-ignored (it holds the password hashes)"
+    for name in WEBSERVERS:
+        assert services["ui_proxy"]["depends_on"][name]["condition"] == "service_healthy"
+    # the proxy's image: Debian's nginx on a base image that local stand-ins can replace
+    assert services["ui_proxy"]["build"]["args"]["DEBIAN_BASE_IMAGE"] == "${DEBIAN_BASE_IMAGE:-debian:bookworm-slim}"
+    text = (PROXY_DIR / "Dockerfile").read_text()
+    assert "ARG DEBIAN_BASE_IMAGE=debian:bookworm-slim" in text and "FROM ${DEBIAN_BASE_IMAGE}" in text
 
 
 def test_telemetry_is_off():
@@ -390,6 +431,8 @@ POSTGRES_STANDIN = "localhost/ops-pipeline/postgres:16"
 REDIS_STANDIN = "localhost/ops-pipeline/redis:7"
 USER_CODE_IMAGE = "localhost/ops-pipeline/compose-user-code:test"
 DAGSTER_IMAGE = "localhost/ops-pipeline/compose-dagster:test"
+DEBIAN_STANDIN = "localhost/ops-pipeline/debian:bookworm"
+UI_PROXY_IMAGE = "localhost/ops-pipeline/compose-ui-proxy:test"
 
 
 def stage_build_context(dest: Path) -> Path:
@@ -398,7 +441,8 @@ def stage_build_context(dest: Path) -> Path:
     docker-compose 1.x (legacy builder) ignores Dockerfile-specific .dockerignore files and would otherwise send the
     whole repository (.venv, .ops, node_modules: over 1 GB) as the user_code build context."""
     shutil.copy2(COMPOSE_FILE, dest / COMPOSE_FILE.name)
-    shutil.copytree(DOCKER_DIR, dest / "docker", ignore=shutil.ignore_patterns("__pycache__"))
+    # not docker/proxy/users/: a developer's real UI users stay out of the test (it makes its own)
+    shutil.copytree(DOCKER_DIR, dest / "docker", ignore=shutil.ignore_patterns("__pycache__", "users"))
     for line in USER_CODE_IGNORE.read_text().splitlines():
         if line.startswith("!"):
             src = ROOT / line[1:].rstrip("/")
@@ -488,11 +532,16 @@ class Stack:
         return "\n".join(parts)
 
 
-def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    """POST a query to the webserver's /graphql; returns `data` (raises on GraphQL errors)."""
+def basic(auth: tuple[str, str]) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()}
+
+
+def graphql(port: int, query: str, variables: dict | None = None, *, auth: tuple[str, str] | None = None) -> dict:
+    """POST a query to /graphql through the UI proxy as `auth` (user, password); returns `data` (raises on GraphQL
+    errors)."""
     body = json.dumps({"query": query, "variables": variables or {}}).encode()
     request = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **(basic(auth) if auth else {})})
     with urllib.request.urlopen(request, timeout=60) as r:
         reply = json.loads(r.read())
     if reply.get("errors"):
@@ -529,6 +578,7 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
     if shutil.which("docker-compose") is None:
         pytest.fail("docker-compose is not installed (apt-get install docker-compose) but the engine is available")
     from dagster_graphql import DagsterGraphQLClient
+    from requests.auth import HTTPBasicAuth
 
     timings: dict[str, float] = {"setup_engine": podman_engine["setup_s"]}
     t0 = time.monotonic()
@@ -538,6 +588,14 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
 
     workdir = stage_build_context(tmp_path)
     port = free_port()
+    # the UI's users, made as docker/README.md says (bcrypt htpasswd files given to ui_proxy as secrets)
+    users = {"operator": ("olivia", "op-" + secrets.token_hex(12)), "viewer": ("victor", "vw-" + secrets.token_hex(12))}
+    for role, (name, password) in users.items():
+        made = subprocess.run([str(PROXY_DIR / "ui-user.sh"), name, role], input=password + "\n", text=True,
+                              capture_output=True, env={**os.environ, "OPS_UI_USERS_DIR": str(tmp_path / "users")},
+                              timeout=60, check=False)
+        assert made.returncode == 0, made.stderr
+    operator, viewer = users["operator"], users["viewer"]
     passwords = {k: secrets.token_hex(12) for k in ("DAGSTER_POSTGRES_PASSWORD", "APP_POSTGRES_PASSWORD",
                                                     "APP_REDIS_PASSWORD", "APP_JWT_SECRET")}
     env = {
@@ -551,6 +609,10 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
         "REDIS_IMAGE": REDIS_STANDIN,
         "OPS_USER_CODE_IMAGE": USER_CODE_IMAGE,
         "OPS_DAGSTER_IMAGE": DAGSTER_IMAGE,
+        "DEBIAN_BASE_IMAGE": DEBIAN_STANDIN,
+        "OPS_UI_PROXY_IMAGE": UI_PROXY_IMAGE,
+        "OPS_UI_OPERATORS_HTPASSWD": str(tmp_path / "users" / "operators.htpasswd"),
+        "OPS_UI_VIEWERS_HTPASSWD": str(tmp_path / "users" / "viewers.htpasswd"),
         "DAGSTER_WEBSERVER_PORT": str(port),
         "COMPOSE_HTTP_TIMEOUT": "600",
         **passwords,
@@ -572,25 +634,49 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
     try:
         # OPS_COMPOSE_TEST_NO_CACHE=1: build without the layer cache (to measure a cold build)
         no_cache = ["--no-cache"] if os.environ.get("OPS_COMPOSE_TEST_NO_CACHE") == "1" else []
-        before = {ref: stack.image_id(ref) for ref in (USER_CODE_IMAGE, DAGSTER_IMAGE)}
+        before = {ref: stack.image_id(ref) for ref in (USER_CODE_IMAGE, DAGSTER_IMAGE, UI_PROXY_IMAGE)}
         stack.timed("compose_build", stack.compose, "build", *no_cache, timeout=1800)
         stack.remove_replaced_images(before)
         stack.timed("compose_up", stack.compose, "up", "-d", timeout=900)
         ps = stack.containers()
-        assert set(ps) == {"dagster_postgres", "app_postgres", "app_redis", "user_code", "webserver", "daemon"}, ps
+        assert set(ps) == {"dagster_postgres", "app_postgres", "app_redis", "user_code", "webserver",
+                           "webserver_readonly", "daemon", "ui_proxy"}, ps
+        # only the proxy is published on the host
+        for name, container in ps.items():
+            bindings = {k: v for k, v in (container.attrs["HostConfig"].get("PortBindings") or {}).items() if v}
+            assert bool(bindings) == (name == "ui_proxy"), f"{name} publishes {bindings}"
 
-        # webserver: /server_info on the published (loopback) port
-        def server_info():
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=5) as r:
+        # the webservers through the published (loopback) port of the proxy, as each role
+        def server_info(auth):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/server_info", headers=basic(auth))
+            with urllib.request.urlopen(request, timeout=5) as r:
                 return json.loads(r.read())
-        info = stack.timed("webserver_ready", wait_for, "webserver /server_info", server_info, 300, stack=stack)
+        info = stack.timed("webserver_ready", wait_for, "webserver /server_info through ui_proxy",
+                           lambda: server_info(operator) and server_info(viewer), 300, stack=stack)
         pins = pyproject_pins()
         assert info["dagster_version"] == pins["dagster"] and info["dagster_webserver_version"] == pins["dagster-webserver"]
 
-        client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60)
+        # nothing without a valid user: pages, /graphql (a launch), wrong password
+        launch_query = """mutation($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+            ... on UnauthorizedError { message } ... on LaunchRunSuccess { run { runId } } } }"""
+        launch_vars = {"p": {"selector": {"repositoryLocationName": "ops_pipeline", "repositoryName": "__repository__",
+                                          "jobName": "backup"},
+                             "runConfigData": {"ops": {"backup_target": {"config": {"environment": "compose-viewer",
+                                                                                     "trigger": "manual"}}}}}}
+        for path, body, auth in (("/", None, None), ("/graphql", json.dumps({"query": launch_query,
+                                 "variables": launch_vars}).encode(), None), ("/graphql", b"{}", (operator[0], "wrong"))):
+            request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body,
+                                             headers={"Content-Type": "application/json", **(basic(auth) if auth else {})})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            assert refused.value.code == 401, (path, auth and auth[0], refused.value.code)
+
+        client = DagsterGraphQLClient("127.0.0.1", port_number=port, timeout=60,
+                                      auth=HTTPBasicAuth(*operator))
 
         def daemons_healthy():
-            data = graphql(port, """{ instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } } }""")
+            data = graphql(port, """{ instance { daemonHealth { allDaemonStatuses { daemonType required healthy } } } }""",
+                           auth=viewer)
             statuses = data["instance"]["daemonHealth"]["allDaemonStatuses"]
             required = {s["daemonType"]: s["healthy"] for s in statuses if s["required"]}
             return required if required and all(required.values()) else None
@@ -599,11 +685,15 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
 
         def location_loaded():
             data = graphql(port, """{ workspaceOrError { ... on Workspace { locationEntries { name
-                locationOrLoadError { __typename ... on PythonError { message } } } } } }""")
+                locationOrLoadError { __typename ... on PythonError { message } } } } } }""", auth=viewer)
             entries = {e["name"]: e["locationOrLoadError"] for e in data["workspaceOrError"]["locationEntries"]}
             assert entries["ops_pipeline"]["__typename"] == "RepositoryLocation", entries
             return entries
         wait_for("code location ops_pipeline loaded in the webserver", location_loaded, 120, stack=stack)
+
+        # the viewer's launch is refused by the read-only webserver
+        refused = graphql(port, launch_query, launch_vars, auth=viewer)["launchRun"]
+        assert refused == {"__typename": "UnauthorizedError", "message": "Authorization failed"}, refused
 
         # exact pins inside the images, not only in the files
         probe = ("import json, importlib.metadata as m; print(json.dumps({p: m.version(p) for p in "
@@ -643,7 +733,7 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
         for run_id in run_ids:
             data = graphql(port, """query($id: ID!) { runOrError(runId: $id) { ... on Run { runId status startTime
                 endTime tags { key value } } } logsForRun(runId: $id) { ... on EventConnection { events { __typename } } } }""",
-                           {"id": run_id})
+                           {"id": run_id}, auth=viewer)
             run = data["runOrError"]
             run["tags"] = {t["key"]: t["value"] for t in run["tags"]}
             run["events"] = [e["__typename"] for e in data["logsForRun"]["events"]]
@@ -673,9 +763,39 @@ def test_stack_comes_up_and_runs_a_backup_in_its_own_container(podman_engine, tm
         assert second["startTime"] >= first["endTime"], \
             f"runs of one environment overlapped: {first['startTime']}-{first['endTime']} vs {second['startTime']}"
 
+        # the viewer's attempt launched nothing
+        all_runs = graphql(port, "{ runsOrError { ... on Runs { results { runId } } } }", auth=viewer)
+        assert {r["runId"] for r in all_runs["runsOrError"]["results"]} == set(run_ids), all_runs
+
         # the backups landed in the shared volume, visible from the user_code service
         listing = stack.exec("user_code", ["sh", "-c", "find /var/backups/ops-pipeline -type f | sort"])
         assert "/backups/compose/" in listing and "/backups/compose-cli/" in listing, listing
+
+        # A recreated webserver at another address is found by the running proxy (it resolves the name per request,
+        # nginx would otherwise keep the old address until restarted). The old address is taken by a placeholder
+        # container meanwhile, so the new one cannot get it back.
+        def address(service: str) -> str:
+            container = stack.containers()[service]
+            container.reload()
+            return container.attrs["NetworkSettings"]["Networks"]["ops_pipeline_network"]["IPAddress"]
+        old_ip, proxy_id = address("webserver_readonly"), stack.containers()["ui_proxy"].id
+        stack.compose("stop", "webserver_readonly", timeout=300)
+        stack.compose("rm", "-f", "webserver_readonly", timeout=300)
+        placeholder = stack.client.containers.run(DEBIAN_STANDIN, ["sleep", "600"], detach=True, remove=True,
+                                                  network="ops_pipeline_network",
+                                                  labels={"ops-pipeline/test": "ip-placeholder"})
+        try:
+            stack.timed("recreate_webserver_readonly", stack.compose, "up", "-d", "--no-deps", "webserver_readonly",
+                        timeout=600)
+            new_ip = address("webserver_readonly")
+            assert new_ip != old_ip, f"webserver_readonly got its old address {old_ip} back: nothing proven"
+            stack.timed("viewer_back_through_proxy", wait_for, "the viewer's webserver again, through the same proxy",
+                        lambda: server_info(viewer), 300, stack=stack)
+        finally:
+            placeholder.remove(force=True)
+        assert stack.containers()["ui_proxy"].id == proxy_id
+        assert graphql(port, launch_query, launch_vars, auth=viewer)["launchRun"]["__typename"] == "UnauthorizedError"
+        ps = stack.containers()
 
         # compose's own health checks settle too (the daemon's first liveness check runs 60 s after start)
         for service in ps:
