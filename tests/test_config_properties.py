@@ -736,7 +736,8 @@ def test_bad_retention_is_refused_before_the_backup_is_taken(services, instance,
     assert not (tmp_path / "store").exists() or not any((tmp_path / "store").rglob("*"))
 
 
-BAD_RESTORE_FIELDS = {"environment": bad_env_name, "database_url_env": bad_var}
+BAD_RESTORE_FIELDS = {"environment": bad_env_name, "database_url_env": bad_var,
+                      "jobs": st.sampled_from([0, -1, 17])}
 
 
 @settings(OPS, max_examples=4)
@@ -767,3 +768,18 @@ def test_a_variable_the_target_sets_per_instance_is_not_set_twice(field, data):
     APP_VERSION the release version) in the process definition; the instances never answered on their port."""
     found = problems_of(data)
     assert len(found) == 1 and found[0].startswith(field + ":") and "already set" in found[0], found
+
+
+@pytest.mark.parametrize("jobs", [0, -2, 17])
+def test_a_drill_with_a_bad_connection_count_is_refused_before_any_side_effect(services, instance, tmp_path, jobs):
+    """Bug (missing check): restore_drill accepted jobs 0 and negatives; refused now with the run's other problems."""
+    from ops_pipeline.backup.store import BackupStore
+    from tests.conftest import make_defs
+
+    before = _world(services)
+    job = make_defs(backup_store=BackupStore(local_dir=str(tmp_path / "store"))).get_job_def("restore_drill")
+    r = job.execute_in_process(run_config={"ops": {"backup_target": {"config": {"environment": "prop-drill"}},
+                                                   "drill_newest_backup": {"config": {"jobs": jobs}}}},
+                               instance=instance, raise_on_error=False)
+    only_first_step_failed_naming(r, "backup_target", ["drill_newest_backup.jobs"])
+    assert _world(services) == before

@@ -42,6 +42,10 @@ def test_defaults_release_the_example_app():
         ({"target": {"pm2": {"kill_timeout_s": 5}}}, "target.pm2.kill_timeout_s"),
         ({"target": {"pm2": {"keep_releases": 1}}}, "target.pm2.keep_releases"),
         ({"target": {"kind": "docker", "docker": {"start_timeout_s": -1}}}, "target.docker.start_timeout_s"),
+        ({"target": {"pm2": {"max_memory_restart": "lots"}}}, "target.pm2.max_memory_restart"),
+        ({"target": {"kind": "docker", "docker": {"env_file_vars": ["OK_NAME", "NOT OK"]}}}, "target.docker.env_file_vars"),
+        ({"app": {"entrypoint": "../../etc/server.js"}}, "app.entrypoint"),
+        ({"app": {"entrypoint": "/srv/server.js"}}, "app.entrypoint"),
     ],
 )
 def test_each_bad_value_names_its_field(kwargs, field):

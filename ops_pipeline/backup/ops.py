@@ -86,6 +86,9 @@ def backup_target(context: dg.OpExecutionContext, config: BackupTargetConfig) ->
     # The backup job's retention settings are checked here, before the backup, not after it in prune_backups.
     prune = ((context.run_config or {}).get("ops") or {}).get("prune_backups") or {}
     also = [f"prune_backups.{p}" for p in retention_problems(RetentionConfig(**(prune.get("config") or {})))] if prune else []
+    drill = (((context.run_config or {}).get("ops") or {}).get("drill_newest_backup") or {}).get("config") or {}
+    if "jobs" in drill:
+        also += [f"drill_newest_backup.{p}" for p in jobs_problems(drill["jobs"])]
     return target_spec(config, context.instance, also=also)
 
 
@@ -241,12 +244,16 @@ def prune_backups(context: dg.OpExecutionContext, config: RetentionConfig, manif
     return result
 
 
+def jobs_problems(jobs: int) -> list[str]:
+    """A restore's connection count, refused with the run's other problems before anything is read or created."""
+    return [] if 1 <= jobs <= 16 else [f"jobs: must be between 1 and 16 (got {jobs})"]
+
+
 class DrillConfig(dg.Config):
     """Restore drill: prove the newest backup restores."""
 
     backup_id: str = Field("", description="Backup to drill (empty: the newest verified).")
-    jobs: int = Field(backups.RESTORE_JOBS, description="Connections the restore loads, indexes and analyzes on "
-                      "(bench/backup.py --explore restore measures 1, 2 and 3).")
+    jobs: int = Field(backups.RESTORE_JOBS, description="Connections the restore loads, indexes and analyzes on (1-16).")
     keep_scratch_database: bool = Field(False, description="Keep the scratch database for inspection.")
 
 
@@ -336,7 +343,7 @@ class RestoreConfig(dg.Config):
     embedded_services: bool = Field(True, description="Use the embedded local PostgreSQL when DATABASE_URL is not set.")
     database_url_env: str = Field("DATABASE_URL", description="Variable holding the live database URL.")
     backup_id: str = Field("", description="Backup to restore (empty: the newest verified).")
-    jobs: int = Field(backups.RESTORE_JOBS, description="Connections the restore loads, indexes and analyzes on.")
+    jobs: int = Field(backups.RESTORE_JOBS, description="Connections the restore loads, indexes and analyzes on (1-16).")
     switch_over: bool = Field(False, description="After a verified restore, make the restored database the live one.")
     confirm_database: str = Field(
         "", description="Required with switch_over: type the live database's name to confirm data written after the backup is set aside."
@@ -355,7 +362,7 @@ def restore_into_new_database(context: dg.OpExecutionContext, config: RestoreCon
                      backup_store: BackupStore, local_stack: LocalStack) -> dict:
     spec = target_spec(BackupTargetConfig(environment=config.environment, production=config.production,
                                           embedded_services=config.embedded_services, database_url_env=config.database_url_env),
-                       context.instance)
+                       context.instance, also=jobs_problems(config.jobs))
     url, env = database_url(spec, local_stack)
     info = ConnInfo.parse(url)
     live = info.database

@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 from urllib.parse import urlsplit
 
@@ -443,6 +443,9 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
             problems.append(f"app.{fname}: must be > 0 (got {getattr(app, fname)})")
     if _bad_number(app.shutdown_timeout_s, 0):
         problems.append(f"app.shutdown_timeout_s: must be >= 0 (got {app.shutdown_timeout_s})")
+    entry = PurePosixPath(app.entrypoint or ".")
+    if not app.start and (entry.is_absolute() or ".." in entry.parts or not app.entrypoint.strip()):
+        problems.append(f"app.entrypoint: {app.entrypoint!r} must be a path inside the app folder (or set app.start)")
     if not app.commands.migrate.strip():
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
     problems += commands_problems(app, app_dir)
@@ -467,9 +470,14 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
             )
         if _bad_number(t.pm2.drain_s, 0):
             problems.append(f"target.pm2.drain_s: must be >= 0 (got {t.pm2.drain_s})")
+        if not re.match(r"^[1-9][0-9]*[KMG]?\Z", t.pm2.max_memory_restart or ""):
+            problems.append(f"target.pm2.max_memory_restart: {t.pm2.max_memory_restart!r} is not a size such as 500M, 2G")
         if _bad_number(t.pm2.listen_timeout_s, 0, strict=True):
             problems.append(f"target.pm2.listen_timeout_s: must be > 0 (got {t.pm2.listen_timeout_s})")
     if t.kind == DeployTargetKind.docker:
+        bad_names = [n for n in t.docker.env_file_vars if not ENV_VAR.match(n)]
+        if bad_names:
+            problems.append(f"target.docker.env_file_vars: not variable names: {', '.join(map(repr, bad_names))}")
         if _bad_number(t.docker.drain_s, 0):
             problems.append(f"target.docker.drain_s: must be >= 0 (got {t.docker.drain_s})")
         if _bad_number(t.docker.start_timeout_s, 0):

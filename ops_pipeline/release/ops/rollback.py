@@ -1,6 +1,7 @@
 """Rollback: the last known-good version back, through the same target, procedure and health gate."""
 
 import dagster as dg
+from dagster._core.errors import DagsterInvalidPropertyError
 from pydantic import Field
 
 from ops_pipeline.platform import history
@@ -29,6 +30,13 @@ class RollbackConfig(dg.Config):
     force: bool = Field(False, description="Allow a target_version that is marked bad.")
 
 
+def _run_tag(context: dg.OpExecutionContext, name: str) -> str:
+    try:
+        return context.run.tags.get(name, "")
+    except DagsterInvalidPropertyError:  # invoked directly (tests): no run
+        return ""
+
+
 @dg.op(
     description=(
         "Decides the rollback from the release history: the version to remove (serving now) and the last known-good "
@@ -41,7 +49,7 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
                   notifier: Notifier) -> dict:
     if not ENV_NAME.match(config.environment or ""):
         raise failure(f"environment: {config.environment!r} is not a valid environment name")
-    failed_run = context.run.tags.get(FAILED_RUN_TAG, "") if context.run else ""
+    failed_run = _run_tag(context, FAILED_RUN_TAG)
     resumed = liveness.resumed_by(context.instance, failed_run) if failed_run else None
     if resumed is not None:
         context.log.info(f"release run {failed_run[:8]} was resumed by run {resumed.run_id[:8]} ({resumed.status.value}) "
