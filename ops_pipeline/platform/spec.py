@@ -283,6 +283,15 @@ class GateConfig(dg.Config):
     deadline_s: float = Field(120.0, description="The gate fails if K consecutive successes are not reached by then.")
 
 
+class ApprovalConfig(dg.Config):
+    """A release that waits for a person: it holds before a step until someone promotes or aborts it."""
+
+    required: bool = Field(False, description="Hold the release until the approve_release job promotes or aborts it.")
+    before: str = Field("migrate", description="The step it holds before: migrate (nothing irreversible has happened "
+                                              "yet; the backup is taken) or deploy (the schema is already migrated).")
+    timeout_s: float = Field(3600.0, description="No decision within this time aborts the release.")
+
+
 class ReleaseConfig(dg.Config):
     """One release of one service to one environment."""
 
@@ -298,6 +307,7 @@ class ReleaseConfig(dg.Config):
     app: AppConfig = Field(default_factory=AppConfig)
     target: TargetConfig = Field(default_factory=TargetConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
+    approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
 
 
 class SpecError(ValueError):
@@ -449,6 +459,11 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     if not app.commands.migrate.strip():
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
     problems += commands_problems(app, app_dir)
+
+    if cfg.approval.before not in ("migrate", "deploy"):
+        problems.append(f"approval.before: must be migrate or deploy (got {cfg.approval.before!r})")
+    if _bad_number(cfg.approval.timeout_s, 0, strict=True):
+        problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
 
     t = cfg.target
     if t.instances < 1:

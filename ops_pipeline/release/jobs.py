@@ -10,6 +10,7 @@ import dagster as dg
 
 from ops_pipeline.backup.ops import backup_database
 from ops_pipeline.platform.hooks import announce_failure
+from ops_pipeline.release.approval import record_approval
 from ops_pipeline.release.ops.artifact import build_image
 from ops_pipeline.release.ops.deploy import rolling_deploy
 from ops_pipeline.release.ops.health import health_gate
@@ -74,3 +75,14 @@ def rollback():
 )
 def plan():
     plan_release()
+
+
+@dg.job(
+    name="approve_release",
+    description=("Promotes or aborts a release waiting for approval (its spec's approval.required): run_id, decision "
+                 "(promote | abort) and who decides. Recorded on the release run and as an approvals/<environment> event."),
+    executor_def=dg.in_process_executor,
+    tags={"ops/kind": "approval"},
+)
+def approve_release():
+    record_approval()

@@ -31,7 +31,8 @@ from ops_pipeline.platform.prober import HttpProber, Probe
 from ops_pipeline.platform.settings import settings
 from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.release import liveness
-from ops_pipeline.release.jobs import release, rollback
+from ops_pipeline.release.approval import APPROVAL_TAG
+from ops_pipeline.release.jobs import approve_release, plan, release, rollback
 from ops_pipeline.release.liveness import FAILED_RUN_TAG
 from ops_pipeline.targets.resource import DeployTargets
 
@@ -47,7 +48,8 @@ PROBE_INTERVAL_S = settings().health_probe_interval_s
 PROBE_TIMEOUT_S = settings().health_probe_timeout_s
 MAX_PARALLEL = settings().health_max_parallel
 NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
-PROJECT_JOBS = {release.name, rollback.name, backup.name, restore_drill_job.name, restore_database_job.name}
+PROJECT_JOBS = {release.name, rollback.name, plan.name, approve_release.name, backup.name, restore_drill_job.name,
+                restore_database_job.name}
 
 
 class SharedClientProber:
@@ -297,6 +299,9 @@ def rollback_on_release_failure(context: dg.RunFailureSensorContext):
     if not set(failed_steps) & DEPLOY_STEPS:
         return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps) or 'start'}, before anything "
                              "was deployed: nothing to roll back")
+    if run.tags.get(APPROVAL_TAG) in ("aborted", "timed out"):
+        return dg.SkipReason(f"release {run.run_id[:8]} was {run.tags[APPROVAL_TAG]} while waiting for approval before "
+                             f"{run.tags.get('ops/approval_stage')}: nothing was deployed")
     resumed = liveness.resumed_by(context.instance, run.run_id)
     if resumed is not None:
         return dg.SkipReason(f"release {run.run_id[:8]} failed at {', '.join(failed_steps)} and was resumed by run "

@@ -435,7 +435,7 @@ def gql_literal(value) -> str:
 def ws_handshake(port: int, auth: tuple[str, str] | None, *, origin: str | None = None, init: bool = False) -> int:
     """Status of a websocket handshake on /graphql (101 when upgraded); with init, also the graphql-ws ack."""
     key = base64.b64encode(os.urandom(16)).decode()
-    lines = [f"GET /graphql HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
+    lines = ["GET /graphql HTTP/1.1", f"Host: 127.0.0.1:{port}", "Upgrade: websocket", "Connection: Upgrade",
              f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", "Sec-WebSocket-Protocol: graphql-ws"]
     if origin:
         lines.append(f"Origin: {origin}")

@@ -8,6 +8,7 @@ from ops_pipeline.platform.failures import failure
 from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.postgres import PostgresResource
 from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.release.approval import wait_for_approval
 from ops_pipeline.release.ops.migrate import MigrationResult, take_environment_lock
 from ops_pipeline.targets.base import Artifact, DeployTarget, RolloutError
 from ops_pipeline.targets.resource import DeployTargets
@@ -42,6 +43,7 @@ def rolling_deploy(
 ) -> dict:
     env = resolve_app_env(spec.config, local_stack)
     take_environment_lock(context, spec, postgres, env.database_url)
+    wait_for_approval(context, spec, "deploy")
     target = deploy_targets.for_spec(spec, env.redactor)
     try:
         report = target.rollout(artifact, spec.version, env.for_process(), context.log.info)

@@ -11,6 +11,7 @@ from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.postgres import PostgresResource
 from ops_pipeline.platform.prober import HttpProber, Probe, percentile
 from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.release.approval import approval_record
 from ops_pipeline.release.ops.migrate import take_environment_lock
 from ops_pipeline.targets.resource import DeployTargets
 
@@ -96,7 +97,7 @@ def health_gate(
         description=f"released {spec.version}" + (f" over {previous}" if previous else ""),
         artifact=deployment["artifact"], commit=deployment["artifact"].get("commit"), migrations=deployment["migrations"],
         backup_id=deployment["backup_id"], gate=evidence, spec=spec.to_json(), previous_version=previous or "",
-        target=spec.target.kind.value, instances=spec.target.instances,
+        target=spec.target.kind.value, instances=spec.target.instances, **approval_record(context),
     ))
     last_good = hist.last_good(exclude={spec.version})
     keep = {spec.version} | ({last_good.version} if last_good else set())

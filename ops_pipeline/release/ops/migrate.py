@@ -11,6 +11,7 @@ from ops_pipeline.platform.failures import failure
 from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.postgres import DatabaseError, LockTimeout, PostgresResource
 from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.release.approval import wait_for_approval
 from ops_pipeline.targets.base import Artifact
 from ops_pipeline.targets.docker.engine import DockerEngine
 
@@ -81,6 +82,7 @@ def migrate_database(
     env = resolve_app_env(spec.config, local_stack)
     url = env.database_url
     take_environment_lock(context, spec, postgres, url)
+    wait_for_approval(context, spec, "migrate")  # holding the lock: nothing else changes the environment meanwhile
     table = spec.app.migrations_table
     before = applied_migrations(postgres, url, table)
     pgoptions = (f"-c lock_timeout={int(spec.app.migration_lock_timeout_s * 1000)} "
