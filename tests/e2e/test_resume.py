@@ -3,7 +3,6 @@ continues safely with the real daemon, PM2 and PostgreSQL: finished steps are no
 migration), the deploy starts from what serves, the lock is taken again, and the rollback the failure requested stands
 down when it runs after the resume."""
 
-import time
 
 import httpx
 import pytest
@@ -14,6 +13,7 @@ from ops_pipeline.platform.local_stack import free_port
 from ops_pipeline.release.sensors import rollback_request
 from tests import app_variants
 from tests.conftest import release_run_config
+from tests.e2e.test_rollback_daemon import versions_served, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("daemon")]
 
@@ -27,29 +27,9 @@ mutation($parentRunId: String!) {
 }"""
 
 
-def versions_served(port: int, n: int = 8) -> set[str]:
-    seen = set()
-    for _ in range(n):
-        try:
-            r = httpx.get(f"http://127.0.0.1:{port}/health", timeout=3, headers={"Connection": "close"})
-            seen.add(f"{r.json().get('version')}:{r.status_code}")
-        except httpx.HTTPError as exc:
-            seen.add(type(exc).__name__)
-    return seen
-
-
 def started_steps(stack, run_id: str) -> set[str]:
     with stack.instance() as inst:
         return {e.step_key for e in inst.all_logs(run_id, of_type=DagsterEventType.STEP_START)}
-
-
-def wait_for(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def test_a_failed_release_resumed_from_the_ui_skips_finished_steps(dagster_stack, node_app, app_variant,
