@@ -147,8 +147,8 @@ def _copy_app(src: Path, dst: Path, *, link_node_modules: bool = True) -> Path:
 def node_app(state_dir) -> Path:
     """A private copy of examples/node-api with its dependencies installed once per session."""
     dst = _copy_app(EXAMPLE_APP, state_dir / "apps" / "node-api", link_node_modules=False)
+    from ops_pipeline.platform.packagers import detect
     from ops_pipeline.release.ops.tests import INSTALL_STAMP, install_stamp
-    from ops_pipeline.release.packagers import detect
 
     pm = detect(dst)
     subprocess.run(pm.install().split(), cwd=dst, check=True, capture_output=True, timeout=600)

@@ -12,10 +12,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from ops_pipeline.platform.packagers import PackagerError, detect, plan_steps, provide, scripts_of
 from ops_pipeline.platform.spec import CommandsConfig, ReleaseConfig, ReleaseSpec, validate_release_config
 from ops_pipeline.release.ops.artifact import build_bundle
 from ops_pipeline.release.ops.tests import INSTALL_STAMP, run_tests
-from ops_pipeline.release.packagers import PackagerError, detect, plan_steps, provide, scripts_of
 
 # A build that stamps the version it is given, a lint that needs the build's output, a node:test suite.
 SCRIPTS = {

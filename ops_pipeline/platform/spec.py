@@ -105,7 +105,7 @@ CommandsConfig.model_rebuild()
 
 def commands_problems(app: "AppConfig", app_dir: Optional[Path]) -> list[str]:
     """Problems in app.commands (steps, package manager, allowed install scripts) and app.bundle_paths."""
-    from ops_pipeline.release.packagers import commands_problems as _problems
+    from ops_pipeline.platform.packagers import commands_problems as _problems
 
     problems = _problems(app.commands, app_dir)
     for p in app.bundle_paths:

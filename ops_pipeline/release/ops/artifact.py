@@ -22,10 +22,7 @@ import dagster as dg
 from ops_pipeline.platform import paths
 from ops_pipeline.platform.commands import Command, CommandError, run
 from ops_pipeline.platform.failures import failure
-from ops_pipeline.platform.redaction import Redactor
-from ops_pipeline.platform.spec import DeployTargetKind, ReleaseSpec
-from ops_pipeline.release.ops.tests import command_env, package_manager
-from ops_pipeline.release.packagers import (
+from ops_pipeline.platform.packagers import (
     LOCK_FILES,
     PACKAGE_MANAGER_FILES,
     PackageManager,
@@ -33,6 +30,9 @@ from ops_pipeline.release.packagers import (
     production_env,
     tidy_bundle,
 )
+from ops_pipeline.platform.redaction import Redactor
+from ops_pipeline.platform.spec import DeployTargetKind, ReleaseSpec
+from ops_pipeline.release.ops.tests import command_env, package_manager
 from ops_pipeline.targets.base import Artifact
 from ops_pipeline.targets.docker.engine import DockerEngine, ImageBuildError
 

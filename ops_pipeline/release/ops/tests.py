@@ -10,9 +10,7 @@ from ops_pipeline.platform import paths
 from ops_pipeline.platform.app_env import secret_names
 from ops_pipeline.platform.commands import Command, CommandError, run
 from ops_pipeline.platform.failures import failure
-from ops_pipeline.platform.redaction import Redactor
-from ops_pipeline.platform.spec import ReleaseSpec
-from ops_pipeline.release.packagers import (
+from ops_pipeline.platform.packagers import (
     PackageManager,
     PackagerError,
     Step,
@@ -24,6 +22,8 @@ from ops_pipeline.release.packagers import (
     provide,
     scripts_of,
 )
+from ops_pipeline.platform.redaction import Redactor
+from ops_pipeline.platform.spec import ReleaseSpec
 from ops_pipeline.release.test_reports import TestReport, parse_tap, read_report
 
 __all__ = ["INSTALL_STAMP", "TestReport", "command_env", "package_manager", "parse_tap", "run_tests"]
