@@ -405,6 +405,14 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
 def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> list[str]:
     """Every problem in the config, each naming its field. Empty list: valid."""
     problems: list[str] = []
+    _check_release(cfg, problems)
+    _check_app(cfg, check_paths, problems)
+    _check_target(cfg.target, cfg.app, problems)
+    _check_gate(cfg.gate, problems)
+    return problems
+
+
+def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
     if not ENV_NAME.match(cfg.environment or ""):
         problems.append(
             f"environment: {cfg.environment!r} is not a valid environment name (lower-case letters, digits, '-'; starts with a letter)"
@@ -417,7 +425,13 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append(f"lock_wait_s: must be >= 0 (got {cfg.lock_wait_s})")
     if _bad_number(cfg.dependency_timeout_s, 0, strict=True):
         problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
+    if cfg.approval.before not in ("migrate", "deploy"):
+        problems.append(f"approval.before: must be migrate or deploy (got {cfg.approval.before!r})")
+    if _bad_number(cfg.approval.timeout_s, 0, strict=True):
+        problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
 
+
+def _check_app(cfg: ReleaseConfig, check_paths: bool, problems: list[str]) -> None:
     app = cfg.app
     if not re.match(r"^[a-z0-9][a-z0-9-]{0,39}\Z", app.name or ""):
         problems.append(f"app.name: {app.name!r} must be lower-case letters, digits and '-'")
@@ -460,12 +474,8 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         problems.append("app.commands.migrate: must not be empty (use a no-op command such as 'true' for apps without a database schema)")
     problems += commands_problems(app, app_dir)
 
-    if cfg.approval.before not in ("migrate", "deploy"):
-        problems.append(f"approval.before: must be migrate or deploy (got {cfg.approval.before!r})")
-    if _bad_number(cfg.approval.timeout_s, 0, strict=True):
-        problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
 
-    t = cfg.target
+def _check_target(t: TargetConfig, app: AppConfig, problems: list[str]) -> None:
     if t.instances < 1:
         problems.append(f"target.instances: must be >= 1 (got {t.instances})")
     elif t.instances > 64:
@@ -510,7 +520,8 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
         if _bad_number(k.progress_deadline_s, 0, strict=True):
             problems.append(f"target.kubernetes.progress_deadline_s: must be > 0 (got {k.progress_deadline_s})")
 
-    g = cfg.gate
+
+def _check_gate(g: GateConfig, problems: list[str]) -> None:
     if _bad_number(g.interval_s, 0, strict=True):
         problems.append(f"gate.interval_s: must be > 0 (got {g.interval_s})")
     if _bad_number(g.request_timeout_s, 0, strict=True):
@@ -524,7 +535,6 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
             f"gate.required_successes: {g.required_successes} probes {g.interval_s} s apart need "
             f"{(g.required_successes - 1) * g.interval_s:.1f} s, more than gate.deadline_s ({g.deadline_s} s)"
         )
-    return problems
 
 
 def _known_fields(model: type[dg.Config], data: dict) -> dict:
