@@ -418,9 +418,6 @@ class LocalStack(dg.ConfigurableResource):
         if state and (data / "postmaster.pid").exists():
             self._pg_run([str(pg_bin_dir() / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"])
 
-    def start_postgres(self) -> None:
-        self._start_postgres(self._state())
-
     def stop_redis(self) -> None:
         state = self._load_state()
         pidfile = self.root / "redis" / "redis.pid"
