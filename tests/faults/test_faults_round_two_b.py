@@ -18,7 +18,9 @@ import pytest
 from ops_pipeline import backup as backups
 from ops_pipeline.backup.store import BackupStore
 from ops_pipeline.platform import history, paths
-from ops_pipeline.platform.postgres import PostgresResource
+from ops_pipeline.platform.postgres import PostgresResource, lock_key
+from ops_pipeline.release.ops.migrate import environment_lock_name
+from tests import pg15
 from tests.faults.conftest import failure
 
 pytestmark = pytest.mark.faults
@@ -52,9 +54,14 @@ def files_under(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink())
 
 
-def advisory_locks(url: str) -> int:
+def release_lock_free(url: str, environment: str) -> bool:
+    """The environment's release lock (a PostgreSQL advisory lock) can be taken, i.e. nobody holds it."""
+    key = lock_key(environment_lock_name(environment))
     with psycopg.connect(url, autocommit=True) as c:
-        return c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()[0]
+        got = c.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0]
+        if got:
+            c.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        return got
 
 
 # --- 1. the state folder's disk full during the artifact build -------------------------------------------------------
@@ -139,4 +146,85 @@ def test_backup_store_disk_full_during_the_dump(node_app, releaser, fault_env, v
     lost = verified_backups()
     report("backup store disk full mid-dump", "failed",
            f"{message.splitlines()[0]} ({took:.0f} s, 0 retries; earlier backup verifies; no migration)", "v1", lost)
+    assert lost == "none"
+
+
+# --- 3. the Dagster storage PostgreSQL restarted during a release ----------------------------------------------------
+
+def storage_instance(home: Path, url: str):
+    """A Dagster instance whose run, event-log and schedule storage is PostgreSQL through dagster-postgres, as in
+    docker/dagster.yaml (psycopg 3 here: the venv has no psycopg2, the driver of the compose images)."""
+    import dagster as dg
+    from psycopg.conninfo import conninfo_to_dict
+
+    info = conninfo_to_dict(url)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "dagster.yaml").write_text(json.dumps({  # JSON is YAML
+        "telemetry": {"enabled": False},
+        "storage": {"postgres": {"postgres_db": {
+            "hostname": info["host"], "port": int(info["port"]), "username": info["user"],
+            "password": info["password"], "db_name": info["dbname"], "scheme": "postgresql+psycopg"}}},
+    }))
+    return dg.DagsterInstance.from_config(str(home))
+
+
+@pytest.mark.parametrize("down_s", [0.0, 12.0], ids=["restart", "down-12s"])
+def test_dagster_storage_postgres_restarted_during_a_release(node_app, releaser, fault_env, verified_backups, report,
+                                                              tmp_path, down_s):
+    """The instance's storage PostgreSQL (a server of its own) restarted while the rolling deploy runs: a plain
+    restart (pg_ctl restart, about a second), and a longer outage than dagster-postgres's connection retries (~6 s)."""
+    bindir = pg15.bindir_with("plpgsql")
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    url = fault_env.services().database_url
+    with pg15.cluster(bindir, prefix="ops-dagster-storage-") as pg:
+        instance = storage_instance(tmp_path / "dagster_home", pg.url)
+        try:
+            rel = type(releaser)(releaser.env, releaser.port, releaser.store, instance)
+            assert rel.release(node_app, "v1").success
+            t, box = rel.release_in_thread(node_app, "v2")
+            rel.wait_pm2(lambda ps: any(p["pm2_env"].get("APP_VERSION") == "v2" for p in ps), 180)
+            started = time.monotonic()
+            if down_s:
+                pg.stop()
+                time.sleep(down_s)
+                pg.start()
+            else:
+                pg.restart()
+            outage = time.monotonic() - started
+            t.join(240)
+            assert not t.is_alive(), "the release never finished"
+            r = box["result"]
+            run = instance.get_run_by_id(r.run_id)
+            logs = instance.all_logs(r.run_id)
+            recorded = [e.dagster_event.step_key for e in logs
+                        if e.dagster_event and e.dagster_event.event_type_value == "STEP_SUCCESS"]
+            run_events = [e.dagster_event.event_type_value for e in logs
+                          if e.dagster_event and e.dagster_event.event_type_value.startswith("PIPELINE_")
+                          or (e.dagster_event and e.dagster_event.event_type_value.startswith("RUN_"))]
+            hist = history.load(instance, rel.env)
+            served = rel.served()
+            lock_free = release_lock_free(url, rel.env)
+        finally:
+            instance.dispose()
+    assert lock_free, "the release lock was left held"
+    assert run is not None and run.is_finished, f"run left {run.status if run else 'missing'} in the storage"
+    if r.success:
+        # completed: every step's success and the run's end are in the storage, the history says v2 serves
+        assert recorded == RELEASE_STEPS, recorded
+        assert run.status.value == "SUCCESS" and run_events[-1] in ("RUN_SUCCESS", "PIPELINE_SUCCESS"), run_events
+        assert hist.serving_version == "v2" and served == {"v2:200"}
+        result, outcome = "recovered", (f"storage down {outage:.1f} s mid-deploy; dagster-postgres reconnected, the "
+                                        f"release completed with all {len(recorded)} step successes and its run end "
+                                        "recorded; history: v2 serving")
+    else:
+        step, message = failure(r)
+        assert message, "failed without an explanation"
+        assert served in ({"v1:200"}, {"v2:200"}), served
+        assert run.status.value == "FAILURE"
+        assert hist.serving_version in ("v1", "v2")
+        result, outcome = "failed", f"storage down {outage:.1f} s: {step}: {message.splitlines()[0]}"
+    lost = verified_backups()
+    report(f"Dagster storage PostgreSQL {'restarted' if not down_s else f'down {down_s:.0f} s'} mid-release", result,
+           outcome, "/".join(sorted(served)), lost)
     assert lost == "none"
