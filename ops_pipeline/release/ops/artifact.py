@@ -7,6 +7,7 @@ recorded. The same content is never built twice. On container targets it is an O
 built through the Docker Engine API and pushed to the registry.
 """
 
+import errno
 import fnmatch
 import hashlib
 import json
@@ -145,7 +146,13 @@ def install_production(spec: ReleaseSpec, staging: Path, store: Path, log, redac
     tidy_bundle(pm, staging)
     if (staging / "node_modules").is_dir():
         tmp = cache.parent.parent / f".tmp-{uuid.uuid4().hex[:8]}"
-        shutil.copytree(staging / "node_modules", tmp / "node_modules", copy_function=paths.link_or_copy, symlinks=True)
+        try:
+            shutil.copytree(staging / "node_modules", tmp / "node_modules", copy_function=paths.link_or_copy,
+                            symlinks=True)
+        except BaseException:  # e.g. a full disk: no half-filled cache entry left behind
+            if tmp.exists():
+                _force_rmtree(tmp)
+            raise
         cache.parent.parent.mkdir(parents=True, exist_ok=True)
         try:
             tmp.rename(cache.parent)
@@ -193,14 +200,60 @@ def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Ar
                             content_hash=f"sha256:{digest}", size_bytes=size, built_s=round(time.monotonic() - started, 2),
                             reused=reused)
         if not reused:
-            (store / f"{artifact_id}.json").write_text(json.dumps({**artifact.to_json(), "files": files,
-                                                                     "created_at": time.time()}, indent=2))
+            _write_registration(store / f"{artifact_id}.json", {**artifact.to_json(), "files": files,
+                                                                "created_at": time.time()}, final)
         return artifact
     except CommandError as exc:
+        if _no_space(exc) or _no_space_in(exc.result.output if exc.result is not None else ""):
+            raise failure(_no_space_message(store, exc)) from None
         raise failure(f"building the release bundle failed: {exc}") from None
+    except OSError as exc:  # shutil.Error (a copytree's collected errors) is an OSError too
+        if _no_space(exc):
+            raise failure(_no_space_message(store, exc)) from None
+        raise
     finally:
         if staging.exists():
             _force_rmtree(staging)
+
+
+def _write_registration(path: Path, record: dict, final: Path) -> None:
+    """`<id>.json` registers a built artifact: written to a temporary name and renamed into place, so a full disk
+    never leaves a truncated registration beside a complete-looking folder (the next build would reuse it). When it
+    cannot be written, the unregistered folder is removed too."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        if final.exists():
+            _force_rmtree(final)
+        raise
+
+
+def _no_space(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return _no_space_in(str(exc))
+
+
+def _no_space_in(text: str) -> bool:
+    return "ENOSPC" in text or "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def _no_space_message(store: Path, exc: BaseException) -> str:
+    try:
+        usage = shutil.disk_usage(store)
+        room = f"{usage.free / 1e6:.1f} MB free of {usage.total / 1e6:.1f} MB"
+    except OSError:
+        room = "free space unknown"
+    detail = str(exc).strip().splitlines()
+    return (f"building the release bundle failed: no space left on the artifacts disk ({store}, {room}; ENOSPC). "
+            "Nothing was registered and the staging folder was removed; free space there (or point OPS_STATE_DIR at a "
+            f"larger disk) and release again.\n{detail[-1][:300] if detail else ''}")
 
 
 def _force_rmtree(path: Path) -> None:
