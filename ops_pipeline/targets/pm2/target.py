@@ -201,6 +201,16 @@ class Pm2Target(DeployTarget):
         tmp.symlink_to(Path("releases") / version)
         tmp.replace(self.current)  # atomic rename over the old link
 
+    def artifacts_in_use(self) -> set[str]:
+        """Ids of the artifacts the release folders were made from."""
+        ids = set()
+        for record in self.releases.glob("*/release.json") if self.releases.is_dir() else []:
+            try:
+                ids.add(json.loads(record.read_text())["artifact_id"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return ids
+
     def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
         keep_n = self.spec.target.pm2.keep_releases
         if not self.releases.is_dir():
