@@ -14,7 +14,7 @@ every process it starts inherits, so "temp files" are the stack's own.
 
 Exit 1 on a leak: any growth of processes, listening ports, PM2 entries or database connections / Redis clients
 between before and after, release folders above the retention (target.pm2.keep_releases), artifacts beyond what
-the retention keeps (see ARTIFACT_TOLERANCE), leftover staging or temp folders, or temp files growing.
+the retention keeps (the newest keep_releases besides those of the release folders), leftover staging or temp folders, or temp files growing.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from ops_pipeline.platform.local_stack import LocalStack, free_port  # noqa: E40
 
 ENV = "soak"
 KEEP_RELEASES = 5  # target.pm2.keep_releases (the default)
+INSTANCES = 2
 PM2 = ROOT / "tools" / "node_modules" / ".bin" / "pm2"
 PM2_HOME = STATE / "envs" / ENV / "pm2"
 
@@ -58,7 +59,7 @@ def release_config(app: Path, version: str, port: int, build: bool) -> dict:
     commands = {"lint": "", "test": ""} | ({} if build else {"build": ""})
     return {"ops": {"verify_env": {"config": {
         "environment": ENV, "version": version, "app": {"path": str(app), "commands": commands},
-        "target": {"kind": "pm2", "instances": 2, "port": port, "pm2": {"keep_releases": KEEP_RELEASES}},
+        "target": {"kind": "pm2", "instances": INSTANCES, "port": port, "pm2": {"keep_releases": KEEP_RELEASES}},
         "gate": {"interval_s": 0.25, "deadline_s": 60}}}}}
 
 
@@ -157,7 +158,7 @@ def pm2_entries() -> tuple[int, int]:
     """(entries, online) in the environment's PM2 daemon."""
     if not (PM2_HOME / "pm2.pid").exists():
         return 0, 0
-    out = subprocess.run([str(PM2), "jlist"], capture_output=True, text=True, env={**os.environ, "PM2_HOME": str(PM2_HOME)}).stdout
+    out = subprocess.run([str(PM2), "jlist"], capture_output=True, text=True, check=False, env={**os.environ, "PM2_HOME": str(PM2_HOME)}).stdout
     procs = json.loads(out[out.find("["):]) if "[" in out else []
     return len(procs), sum(1 for p in procs if p["pm2_env"].get("status") == "online")
 
@@ -185,9 +186,16 @@ def snapshot(stack: LocalStack) -> dict:
     store = STATE / "artifacts"
     art = list(store.iterdir()) if store.is_dir() else []
     s["artifacts"] = sum(1 for d in art if d.is_dir() and not d.name.startswith("."))
+    held = set()
+    for record in releases.glob("*/release.json") if releases.is_dir() else []:
+        held.add(json.loads(record.read_text()).get("artifact_id"))
+    s["artifacts: not in a release folder"] = sum(1 for d in art if d.is_dir() and not d.name.startswith(".") and d.name not in held)
     s["artifacts: .staging/.tmp"] = sum(1 for d in art if d.name.startswith((".staging", ".tmp")))
     deps = store / ".deps"
     s["artifacts: dependency caches"] = sum(1 for _ in deps.iterdir()) if deps.is_dir() else 0
+    env_dir = STATE / "envs" / ENV
+    s["PM2 app files"] = sum(1 for _ in (env_dir / "pm2-apps").glob("*.json"))
+    s["instance log files"] = sum(1 for _ in (env_dir / "logs").glob("*.log"))
     backups = STATE / "backups"
     s["backups (files)"] = _tree_stats(backups)[0] if backups.is_dir() else 0
     svc = stack.services()
@@ -205,6 +213,8 @@ def snapshot(stack: LocalStack) -> dict:
     s["temp dir: files"], _ = _tree_stats(TMP)
     s["temp dir: entries"] = sum(1 for _ in TMP.iterdir())
     s["state dir: files"], s["state dir: disk MB"] = _tree_stats(STATE)
+    s["state dir: files (no backups, dagster, db)"] = s["state dir: files"] - sum(
+        _tree_stats(STATE / d)[0] for d in ("backups", "dagster_home", "local"))
     s["dagster home: disk MB"] = _tree_stats(STATE / "dagster_home")[1]
     s["database: disk MB"] = _tree_stats(STATE / "local" / "pgdata")[1] if os.access(STATE / "local" / "pgdata", os.R_OK) else 0
     pm2_pid = int((PM2_HOME / "pm2.pid").read_text()) if (PM2_HOME / "pm2.pid").exists() else None
@@ -224,12 +234,11 @@ def snapshot(stack: LocalStack) -> dict:
 # ---- verdict ---------------------------------------------------------------------------------------------------
 NO_GROWTH = ("processes:", "listening TCP ports", "PM2 entries", "PostgreSQL connections", "Redis clients",
              "temp dir:", "artifacts: .staging/.tmp", "release folders: hidden/temp")
-# The retention: release folders are pruned to keep_releases; every artifact no release folder refers to is
-# removed except the newest few (a release elsewhere may be about to use it).
-ARTIFACT_TOLERANCE = KEEP_RELEASES + 3
+# The retention: release folders are pruned to keep_releases; artifacts to the newest keep_releases plus those
+# the release folders hold (prune_artifacts in ops_pipeline/release/ops/artifact.py).
 
 
-def leaks(before: dict, after: dict, cycles: int) -> list[str]:
+def leaks(before: dict, after: dict, cycles: int, steady: tuple[str, dict] | None) -> list[str]:
     found = []
     for k in sorted(set(before) | set(after)):
         b, a = before.get(k, 0), after.get(k, 0)
@@ -237,8 +246,18 @@ def leaks(before: dict, after: dict, cycles: int) -> list[str]:
             found.append(f"{k}: {b} -> {a}")
     if after["release folders"] > KEEP_RELEASES:
         found.append(f"release folders: {after['release folders']} > keep_releases {KEEP_RELEASES}")
-    if after["artifacts"] > ARTIFACT_TOLERANCE:
-        found.append(f"artifacts: {after['artifacts']} > {ARTIFACT_TOLERANCE} (keep_releases {KEEP_RELEASES} + 3)")
+    if after["artifacts: not in a release folder"] > KEEP_RELEASES:
+        found.append(f"artifacts no release folder holds: {after['artifacts: not in a release folder']} > "
+                     f"keep_releases {KEEP_RELEASES}")
+    if after["PM2 app files"] > 2 * INSTANCES:
+        found.append(f"PM2 app files: {after['PM2 app files']} > {2 * INSTANCES} (the serving and the removed instances' of the last rollout)")
+    if after["instance log files"] > INSTANCES * (1 + KEEP_RELEASES):
+        found.append(f"instance log files: {after['instance log files']} > {INSTANCES * (1 + KEEP_RELEASES)} "
+                     "(the serving instances' and keep_releases x instances others)")
+    if steady is not None:
+        k = "state dir: files (no backups, dagster, db)"
+        if after[k] - steady[1][k] > 100:
+            found.append(f"{k}: {steady[1][k]} at {steady[0]} -> {after[k]} after (retention should hold it steady)")
     if after["bench: open fds"] - before["bench: open fds"] >= max(cycles, 5):
         found.append(f"bench: open fds: {before['bench: open fds']} -> {after['bench: open fds']} (one or more per cycle)")
     return found
@@ -306,7 +325,7 @@ def main() -> int:
             snaps.append(("after", snapshot(stack)))
     finally:
         if not args.keep:
-            subprocess.run([str(PM2), "kill"], capture_output=True, env={**os.environ, "PM2_HOME": str(PM2_HOME)})
+            subprocess.run([str(PM2), "kill"], capture_output=True, check=False, env={**os.environ, "PM2_HOME": str(PM2_HOME)})
             try:
                 os.kill(int((STATE / "envs" / ENV / "nginx" / "nginx.pid").read_text()), 15)
             except (OSError, ValueError):
@@ -333,7 +352,9 @@ def main() -> int:
             print(f"cycle median, first fifth vs last fifth: {first5:.1f} s vs {last5:.1f} s")
     print(f"load average (1/5/15 min) at start {'/'.join(f'{x:.2f}' for x in load_start)}, "
           f"at end {'/'.join(f'{x:.2f}' for x in load_end)} ({os.cpu_count()} cores)")
-    found = leaks(snaps[0][1], snaps[-1][1], args.cycles) if len(snaps) >= 2 else ["no after snapshot"]
+    # Retention holds the state folder steady once it is full: compared from the first count at or past cycle 10.
+    steady = next(((label, s) for label, s in snaps[1:-1] if int(label.split()[1]) >= 2 * KEEP_RELEASES), None)
+    found = leaks(snaps[0][1], snaps[-1][1], args.cycles, steady) if len(snaps) >= 2 else ["no after snapshot"]
     found += failures
     print("\nleaks: " + ("none" if not found else "\n  " + "\n  ".join(found)))
     return 1 if found else 0
