@@ -251,9 +251,9 @@ def leaks(before: dict, after: dict, cycles: int, steady: tuple[str, dict] | Non
                      f"keep_releases {KEEP_RELEASES}")
     if after["PM2 app files"] > 2 * INSTANCES:
         found.append(f"PM2 app files: {after['PM2 app files']} > {2 * INSTANCES} (the serving and the removed instances' of the last rollout)")
-    if after["instance log files"] > INSTANCES * (1 + KEEP_RELEASES):
-        found.append(f"instance log files: {after['instance log files']} > {INSTANCES * (1 + KEEP_RELEASES)} "
-                     "(the serving instances' and keep_releases x instances others)")
+    if after["instance log files"] > INSTANCES * (2 + KEEP_RELEASES):
+        found.append(f"instance log files: {after['instance log files']} > {INSTANCES * (2 + KEEP_RELEASES)} (what the "
+                     "release's prune keeps: the serving instances' and keep_releases x instances others; + the rollback's)")
     if steady is not None:
         k = "state dir: files (no backups, dagster, db)"
         if after[k] - steady[1][k] > 100:
@@ -265,14 +265,14 @@ def leaks(before: dict, after: dict, cycles: int, steady: tuple[str, dict] | Non
 
 def print_table(snaps: list[tuple[str, dict]]) -> None:
     keys = list(dict.fromkeys(k for _, s in snaps for k in s))
-    head = f"{'':<34}" + "".join(f"{label:>10}" for label, _ in snaps) + f"{'growth':>10}"
+    head = f"{'':<44}" + "".join(f"{label:>10}" for label, _ in snaps) + f"{'growth':>10}"
     print(head)
     first, last = snaps[0][1], snaps[-1][1]
     for k in keys:
         cells = "".join(f"{s.get(k, 0):>10}" for _, s in snaps)
         g = last.get(k, 0) - first.get(k, 0)
         g = round(g, 1) if isinstance(g, float) else g
-        print(f"{k:<34}{cells}{('+' if g > 0 else '') + str(g):>10}")
+        print(f"{k:<44}{cells}{('+' if g > 0 else '') + str(g):>10}")
 
 
 def set_build_output(app: Path, version: str) -> None:
