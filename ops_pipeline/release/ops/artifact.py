@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import time
@@ -190,6 +191,7 @@ def build_bundle(spec: ReleaseSpec, log, redactor: Redactor | None = None) -> Ar
         reused = final.is_dir() and (store / f"{artifact_id}.json").exists()
         if reused:
             shutil.rmtree(staging, ignore_errors=True)
+            os.utime(store / f"{artifact_id}.json")  # counts as new for the retention (prune_artifacts)
             log(f"artifact {artifact_id} already built (same content), reused")
         else:
             if final.exists():
@@ -254,6 +256,33 @@ def _no_space_message(store: Path, exc: BaseException) -> str:
     return (f"building the release bundle failed: no space left on the artifacts disk ({store}, {room}; ENOSPC). "
             "Nothing was registered and the staging folder was removed; free space there (or point OPS_STATE_DIR at a "
             f"larger disk) and release again.\n{detail[-1][:300] if detail else ''}")
+
+
+def prune_artifacts(app_name: str, keep_n: int, in_use: set[str], log) -> list[str]:
+    """Retention of the app's release bundles: the newest `keep_n` (by their record's time; a reused artifact counts
+    as new) and every one a release folder in `in_use` holds are kept, the rest is removed, record first (an
+    artifact without its record is never reused). Without it every new version's bundle stayed forever."""
+    store = paths.artifacts_dir()
+    if not store.is_dir():
+        return []
+    name = re.compile(re.escape(app_name) + r"-[^-]+(-dirty)?-[0-9a-f]{12}\.json")
+    records = sorted((p for p in store.iterdir() if name.fullmatch(p.name)), key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for record in records[keep_n:]:
+        artifact_id = record.name[:-len(".json")]
+        if artifact_id in in_use:
+            continue
+        try:
+            record.unlink(missing_ok=True)
+            if (store / artifact_id).exists():
+                _force_rmtree(store / artifact_id)
+        except OSError as exc:
+            log(f"artifact {artifact_id} not pruned: {exc}")
+            continue
+        removed.append(artifact_id)
+    if removed:
+        log(f"pruned artifacts: {', '.join(removed)} (kept the newest {keep_n} and those of the release folders)")
+    return removed
 
 
 def _force_rmtree(path: Path) -> None:

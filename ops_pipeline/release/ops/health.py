@@ -10,8 +10,9 @@ from ops_pipeline.platform.failures import failure
 from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.postgres import PostgresResource
 from ops_pipeline.platform.prober import HttpProber, Probe, percentile
-from ops_pipeline.platform.spec import ReleaseSpec
+from ops_pipeline.platform.spec import DeployTargetKind, ReleaseSpec
 from ops_pipeline.release.approval import approval_record
+from ops_pipeline.release.ops.artifact import prune_artifacts
 from ops_pipeline.release.ops.migrate import take_environment_lock
 from ops_pipeline.targets.resource import DeployTargets
 
@@ -102,6 +103,8 @@ def health_gate(
     last_good = hist.last_good(exclude={spec.version})
     keep = {spec.version} | ({last_good.version} if last_good else set())
     target.prune(keep, context.log.info)
+    if spec.target.kind == DeployTargetKind.pm2:
+        prune_artifacts(spec.app.name, spec.target.pm2.keep_releases, target.artifacts_in_use(), context.log.info)
     context.add_output_metadata(md)
     context.log.info(f"{spec.version} is serving at {spec.public_url} ({evidence['probes']} probes, p95 {evidence['p95_ms']} ms)")
     return {"version": spec.version, "url": spec.public_url, "gate": evidence}

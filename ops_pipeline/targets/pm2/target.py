@@ -201,8 +201,19 @@ class Pm2Target(DeployTarget):
         tmp.symlink_to(Path("releases") / version)
         tmp.replace(self.current)  # atomic rename over the old link
 
+    def artifacts_in_use(self) -> set[str]:
+        """Ids of the artifacts the release folders were made from."""
+        ids = set()
+        for record in self.releases.glob("*/release.json") if self.releases.is_dir() else []:
+            try:
+                ids.add(json.loads(record.read_text())["artifact_id"])
+            except (OSError, ValueError, KeyError):
+                pass
+        return ids
+
     def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
         keep_n = self.spec.target.pm2.keep_releases
+        self._prune_instance_files(log)
         if not self.releases.is_dir():
             return []
         dirs = sorted((d for d in self.releases.iterdir() if d.is_dir() and not d.name.startswith(".")),
@@ -223,6 +234,30 @@ class Pm2Target(DeployTarget):
         if removed:
             log(f"pruned release folders: {', '.join(removed)} (kept {keep_n}, protected {', '.join(sorted(protected))})")
         return removed
+
+    def _prune_instance_files(self, log: LogFn) -> None:
+        """Every rollout writes one PM2 app file and one log file per instance (named by its deploy): without this,
+        both stayed forever, 4 files per release/rollback cycle. App files of instances no longer serving are
+        removed (PM2 keeps its own copy of a started definition); logs of the serving instances and of the newest
+        keep_releases x instances others are kept, for what a removed version printed."""
+        serving = self.serving()
+        live = {i.deploy_id for i in serving if i.deploy_id}
+        if not live:  # nothing serves (or PM2 did not answer): keep everything
+            return
+        for f in self.app_files.glob("*.json") if self.app_files.is_dir() else []:
+            if f.name.rsplit("-", 1)[0] not in live:
+                f.unlink(missing_ok=True)
+        serving_logs = {self._logfile(i.name).name for i in serving}
+        logs = sorted((f for f in self.logs.glob("*.log") if f.name not in serving_logs) if self.logs.is_dir() else [],
+                      key=lambda f: f.stat().st_mtime, reverse=True)
+        old = logs[self.spec.target.pm2.keep_releases * max(1, self.spec.target.instances):]
+        for f in old:
+            f.unlink(missing_ok=True)
+        if old:
+            log(f"pruned {len(old)} log file(s) of removed instances")
+
+    def _logfile(self, name: str) -> Path:
+        return self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
 
     # ---- rollout ------------------------------------------------------------------------------
     def _instance_name(self, slot: int, version: str, deploy_id: str) -> str:
@@ -247,7 +282,7 @@ class Pm2Target(DeployTarget):
         self.app_files.mkdir(parents=True, exist_ok=True)
         instance_dir = self.instance_dirs / str(slot)
         instance_dir.mkdir(parents=True, exist_ok=True)
-        logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        logfile = self._logfile(name)
         # Non-secret settings go in the app file; secrets only travel in the CLI's environment, so they
         # are never written to disk by us. (No `env` block may shadow them: PM2 lets it win.)
         public_env = {
@@ -313,7 +348,7 @@ class Pm2Target(DeployTarget):
             version_from=self.spec.app.health_version, stop_reason=stop_reason)
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
-        logfile = self.logs / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"
+        logfile = self._logfile(name)
         try:
             text = logfile.read_text(errors="replace").splitlines()[-lines:]
         except OSError:
