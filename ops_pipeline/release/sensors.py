@@ -12,7 +12,9 @@ probes x interval whatever the number of environments (bench/health_watch.py). I
 environment; its note is one summary line plus the environments that are not healthy.
 
 A run of an environment that is in progress blocks the health watch's rollback, unless its process is dead
-(ops_pipeline/release/liveness.py): then it is marked failed and the rollback goes ahead. `run_liveness` sweeps every
+(ops_pipeline/release/liveness.py): then it is marked failed and the rollback goes ahead. A rollback of the incident
+that died (e.g. killed with the daemon) does not count as requested: another one is requested under a run key of its
+own (at most MAX_DEAD_ROLLBACKS dead ones per incident). `run_liveness` sweeps every
 in-progress run of this project's jobs on its own, so a dead one never keeps the queue blocked.
 
 Settings (platform/settings.py, parsed once at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
@@ -46,6 +48,7 @@ PROBES_PER_TICK = settings().health_probes_per_tick
 PROBE_INTERVAL_S = settings().health_probe_interval_s
 PROBE_TIMEOUT_S = settings().health_probe_timeout_s
 MAX_PARALLEL = settings().health_max_parallel
+MAX_DEAD_ROLLBACKS = 3  # rollbacks of one incident that died before the health watch stops requesting another
 NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
 PROJECT_JOBS = {release.name, rollback.name, backup.name, restore_drill_job.name, restore_database_job.name}
 
@@ -80,6 +83,15 @@ def rollback_request(environment: str, bad_version: str, reason: str, run_key: s
         tags={"ops/environment": environment, "ops/trigger": trigger, "ops/bad_version": bad_version,
               **({FAILED_RUN_TAG: failed_run} if failed_run else {})},
     )
+
+
+def rollback_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """A rollback run whose process died: declared dead by the liveness checks, or in progress with a dead process."""
+    if run.status == dg.DagsterRunStatus.FAILURE:
+        return liveness.death_record(instance, run.run_id) is not None
+    if run.status in liveness.IN_PROGRESS:
+        return liveness.check_run(instance, run).dead
+    return False
 
 
 def evaluate_environment(environment: str, state: dict, hist: history.EnvironmentHistory, prober: HttpProber,
@@ -132,11 +144,22 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         # not acted within the grace period (e.g. it is stopped).
         return state, None, f"{environment}: {bad} failed its release; rollback_on_release_failure handles it"
     requested = list(instance.get_runs(filters=dg.RunsFilter(
-        job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=1))
-    if requested:
-        return state, None, f"{environment}: rollback of {bad} already requested (run {requested[0].run_id[:8]})"
-    good = hist.last_good(exclude={bad})
+        job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=MAX_DEAD_ROLLBACKS))
     key = f"health:{environment}:{bad}"
+    retry_note = ""
+    if requested:
+        prior = requested[0]
+        if not rollback_died(instance, prior):
+            return state, None, f"{environment}: rollback of {bad} already requested (run {prior.run_id[:8]})"
+        # The rollback requested for this incident died (its process killed, e.g. with the daemon): marked failed by
+        # the liveness checks, it rolled nothing back. Another one, under a run key of its own (a run key is used once).
+        dead = sum(1 for r in requested if rollback_died(instance, r))
+        if dead >= MAX_DEAD_ROLLBACKS:
+            return state, None, (f"{environment}: {dead} rollbacks of {bad} died (last: run {prior.run_id[:8]}); not "
+                                 "requesting another: roll back by hand")
+        key = f"{key}:after-{prior.run_id[:8]}"
+        retry_note = f"; rollback run {prior.run_id[:8]} died, requesting another"
+    good = hist.last_good(exclude={bad})
     running, declared = [], []
     for run in active_runs(instance, environment):
         verdict = liveness.check_run(instance, run) if run.status in liveness.IN_PROGRESS else None
@@ -161,7 +184,7 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
               f"{time.strftime('%H:%M:%S', time.gmtime(state['first_failure_at']))}Z ({state.get('last_error', '')})")
     state["requested"] = key
     return state, rollback_request(environment, bad, reason, key, "health_watch"), \
-        f"{environment}: rollback of {bad} requested{dead_note}"
+        f"{environment}: rollback of {bad} requested{retry_note}{dead_note}"
 
 
 def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *, probes: int | None = None,
