@@ -48,6 +48,7 @@ PROBES_PER_TICK = settings().health_probes_per_tick
 PROBE_INTERVAL_S = settings().health_probe_interval_s
 PROBE_TIMEOUT_S = settings().health_probe_timeout_s
 MAX_PARALLEL = settings().health_max_parallel
+PROBE_TIMEOUT_FLOOR_S = 0.5  # a probe started at the deadline (the one every environment gets) waits this long at least
 MAX_DEAD_ROLLBACKS = 3  # rollbacks of one incident that died before the health watch stops requesting another
 NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
 PROJECT_JOBS = {release.name, rollback.name, backup.name, restore_drill_job.name, restore_database_job.name}
@@ -113,7 +114,8 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
     if state.get("serving") != serving:
         state = {"serving": serving, "failures": 0}
     for i in range(probes):
-        p = prober.probe(url, timeout_s=timeout_s, version_from=spec.app.health_version)
+        left = timeout_s if deadline is None else min(timeout_s, max(PROBE_TIMEOUT_FLOOR_S, deadline - time.monotonic()))
+        p = prober.probe(url, timeout_s=left, version_from=spec.app.health_version)
         state["probes"] = state.get("probes", 0) + 1
         if p.ok:
             if state.get("failures"):
@@ -135,7 +137,8 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
             time.sleep(interval_s)
     if state.get("failures", 0) < threshold:
         return state, None, f"{environment}: {serving} healthy" if not state.get("failures") else \
-            f"{environment}: {state['failures']} consecutive failed probe(s), below threshold {threshold}"
+            f"{environment}: {state['failures']} consecutive failed probe(s), below threshold {threshold} " \
+            f"({state.get('last_error', '')[:120]})"
     bad = state.get("bad_version") or serving
     latest = hist.latest()
     if (latest is not None and latest.event == history.RELEASE_FAILED and latest.version == bad
@@ -199,8 +202,9 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
     threshold = THRESHOLD if threshold is None else threshold
     max_parallel = MAX_PARALLEL if max_parallel is None else max_parallel
     envs = history.environments(instance)
-    # probing lasts about probes x interval; the bound leaves room for a last probe's timeout
-    budget_s = max(probes - 1, 0) * interval_s + timeout_s
+    # probing lasts about probes x interval; the bound leaves room for a last probe's timeout, and never passes half
+    # of Dagster's sensor timeout (a tick cut by it saves no cursor and requests nothing), whatever OPS_HEALTH_* say
+    budget_s = min(max(probes - 1, 0) * interval_s + timeout_s, tick_limit_s())
     deadline = time.monotonic() + budget_s
 
     def one(env: str):
@@ -232,7 +236,15 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
     return new_cursor, requests, [(env, kind, note) for env, _, _, kind, note in results]
 
 
-def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int = NOTE_MAX_ENVIRONMENTS) -> str:
+def tick_limit_s() -> float:
+    """Half of Dagster's sensor evaluation timeout (DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS, 60 s by default)."""
+    from dagster._grpc.utils import default_sensor_grpc_timeout
+
+    return default_sensor_grpc_timeout() / 2
+
+
+def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int = NOTE_MAX_ENVIRONMENTS,
+              summary_suffix: str = "") -> str:
     """One summary line, then only the environments that are not healthy (at most `limit`)."""
     if not outcomes:
         return "no released environment"
@@ -241,7 +253,7 @@ def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int
         counts[kind] = counts.get(kind, 0) + 1
     order = ["healthy", "failing", "unhealthy", "requested", "error", "idle"]
     summary = (f"{len(outcomes)} environment(s) probed in {elapsed_s:.1f} s: "
-               + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))
+               + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)) + summary_suffix)
     attention = [note for _, kind, note in outcomes if kind not in ("healthy", "idle")]
     lines = [summary] + attention[:limit]
     if len(attention) > limit:
@@ -275,7 +287,10 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
         return dg.SensorResult(skip_reason=f"cannot read release history: {type(exc).__name__}", cursor=json.dumps(cursor))
     finally:
         prober.close()
-    note = tick_note(outcomes, time.monotonic() - started)
+    natural_s = max(PROBES_PER_TICK - 1, 0) * PROBE_INTERVAL_S + PROBE_TIMEOUT_S
+    cut = (f" (probing cut at {tick_limit_s():.0f} s, half the sensor timeout; OPS_HEALTH_* ask for {natural_s:.0f} s)"
+           if natural_s > tick_limit_s() else "")
+    note = tick_note(outcomes, time.monotonic() - started, summary_suffix=cut)
     for env, kind, text in outcomes:
         if kind == "requested":
             request = next(r for r in requests if r.tags.get("ops/environment") == env)
