@@ -172,6 +172,120 @@ def test_daemon_killed_during_a_rollback(private_daemon, node_app, app_variant, 
     assert lost == "none"
 
 
+# ---- 2. a health-watch tick slower than the sensor timeout ---------------------------------------------------------
+class StallingServer:
+    """A real TCP server on loopback that accepts and never answers a whole HTTP response: `hang` reads the request
+    and says nothing; `trickle` sends a status line then one header byte every 0.3 s (each read comes well within any
+    read timeout, so only a bound on the whole probe ends it). Connections are dropped on close()."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode, self.conns, self.stopped = mode, [], threading.Event()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopped.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            if self.mode == "trickle":
+                threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn) -> None:
+        try:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+            end = time.monotonic() + 45  # bounded, so that a probe without a bound of its own fails the test, not hangs it
+            while not self.stopped.wait(0.3) and time.monotonic() < end:
+                conn.sendall(b"a")
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def record_release(inst, env: str, version: str, port: int) -> None:
+    from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+
+    spec = ReleaseSpec(config=ReleaseConfig(environment=env, target={"port": port}), version=version, app_dir="/x")
+    inst.report_runless_asset_event(history.materialization(env, history.RELEASED, version, spec=spec.to_json(),
+                                                            artifact={"kind": "bundle", "id": version}))
+
+
+def test_health_watch_tick_slower_than_the_sensor_timeout(instance, monkeypatch, report, capfd):
+    """OPS_HEALTH_* asking for a 100 s tick (100 probes 1 s apart) with a sensor timeout of 16 s, 40 environments whose
+    endpoints hang, 5 that trickle their answer forever, one that answers 503 and one healthy: the tick ends within
+    half the sensor timeout, the 503 one gets its rollback, and the note says what happened to the others."""
+    import ops_pipeline.release.sensors as sensors
+    from ops_pipeline.targets.resource import DeployTargets
+    from tests.test_sensors import FakeService
+
+    sensor_timeout_s = 16
+    monkeypatch.setenv("DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS", str(sensor_timeout_s))
+    monkeypatch.setattr(sensors, "PROBES_PER_TICK", 100)
+    monkeypatch.setattr(sensors, "PROBE_INTERVAL_S", 1.0)
+    monkeypatch.setattr(sensors, "PROBE_TIMEOUT_S", 2.0)
+    hang, trickle, broken, healthy = StallingServer("hang"), StallingServer("trickle"), FakeService(), FakeService()
+    broken.status = 503
+    envs = ({f"hang-{i}": hang.port for i in range(40)} | {f"trickle-{i}": trickle.port for i in range(5)}
+            | {"broken": broken.port, "healthy": healthy.port})
+    try:
+        for env, port in envs.items():
+            record_release(instance, env, "v1", port)
+            record_release(instance, env, "v2", port)
+        started = time.monotonic()
+        with dg.build_sensor_context(instance=instance, resources={"deploy_targets": DeployTargets.with_defaults()}) as ctx:
+            result = sensors.health_watch.evaluate_tick(ctx)
+        took = time.monotonic() - started
+    finally:
+        for s in (hang, trickle, broken, healthy):
+            s.close()
+    out, err = capfd.readouterr()
+    logged = out + err
+    note = logged[logged.find("environment(s) probed in"):] if "environment(s) probed in" in logged else ""
+    cursor = json.loads(result.cursor)
+    print(f"tick: {took:.1f} s\n{note[:3000]}")
+    limit = sensor_timeout_s / 2
+    assert took <= limit + 2.5 < sensor_timeout_s, f"the tick took {took:.1f} s (sensor timeout {sensor_timeout_s} s)"
+    # the failing environment is acted on in this very tick
+    keys = {r.run_key for r in result.run_requests}
+    assert "health:broken:v2" in keys, keys
+    # every environment was probed and kept its count; the stalled ones failed, each probe bounded
+    assert set(cursor) == set(envs)
+    assert cursor["healthy"]["failures"] == 0 and cursor["healthy"]["probes"] >= 3
+    for env in envs:
+        if env.startswith(("hang", "trickle")):
+            assert cursor[env]["failures"] >= 1, (env, cursor[env])
+    assert "no complete answer within" in cursor["trickle-0"]["last_error"], cursor["trickle-0"]
+    assert "Timeout" in cursor["hang-0"]["last_error"] or "no complete answer" in cursor["hang-0"]["last_error"]
+    # the note: the summary line says how long, that probing was cut and why; the stalled ones are named with the error
+    first = note.splitlines()[0] if note else ""
+    assert "47 environment(s) probed in" in logged and "1 healthy" in first and " requested" in first, logged[-3000:]
+    assert f"probing cut at {limit:.0f} s, half the sensor timeout" in first, first
+    assert "broken: rollback of v2 requested: health watch: 3 consecutive failed probes" in logged, logged[-3000:]
+    assert "HTTP 503" in logged.split("broken: rollback of v2 requested: ", 1)[1].splitlines()[0]
+    trickled = logged.split("trickle-0: rollback of v2 requested: ", 1)[1].splitlines()[0]
+    assert "no complete answer within" in trickled, trickled
+    report("health-watch tick slower than the sensor timeout", "bounded",
+           f"47 environments (40 hanging, 5 trickling, 1 answering 503), OPS_HEALTH_* asking 101 s, sensor timeout "
+           f"{sensor_timeout_s} s: tick {took:.1f} s, rollback of the 503 one requested, each stalled probe ended "
+           f"by its 2 s bound (read timeout / trickle cut); before: a trickling endpoint held the probe ~40 s and the "
+           f"settings made a 101 s tick", "n/a (no deploy)")
+
+
 # ---- 3. the wall clock jumping during a health gate ---------------------------------------------------------------
 LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
