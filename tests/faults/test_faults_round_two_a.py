@@ -130,7 +130,6 @@ def test_daemon_killed_during_a_rollback(private_daemon, node_app, app_variant, 
     worker_survived = worker_pid is not None and liveness.process_state(worker_pid)[0] not in ("gone", "zombie")
     status_after_kill = inst.get_run_by_id(first.run_id).status
     private_daemon.restart_daemon()
-    t_restart = time.monotonic()
     print(f"killed in {steps_at_kill}, worker survived: {worker_survived}, status {status_after_kill}")
 
     def settled():
@@ -229,7 +228,7 @@ def test_health_watch_tick_slower_than_the_sensor_timeout(instance, monkeypatch,
     """OPS_HEALTH_* asking for a 100 s tick (100 probes 1 s apart) with a sensor timeout of 16 s, 40 environments whose
     endpoints hang, 5 that trickle their answer forever, one that answers 503 and one healthy: the tick ends within
     half the sensor timeout, the 503 one gets its rollback, and the note says what happened to the others."""
-    import ops_pipeline.release.sensors as sensors
+    from ops_pipeline.release import sensors
     from ops_pipeline.targets.resource import DeployTargets
     from tests.test_sensors import FakeService
 
