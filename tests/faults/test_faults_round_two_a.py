@@ -421,8 +421,9 @@ def test_wall_clock_jumping_during_a_gate(faketime_python, report):
                       "control_backward": ctl_back}, indent=1))
     # the jumps really happened inside the subprocess (its wall clock moved by an hour)
     assert fwd["wall_s"] > 3500 and back["wall_s"] < -3500 and ctl_fwd["wall_s"] > 3500 and ctl_back["wall_s"] < -3500
-    # a wall-clock deadline is broken by them: ended 4 s early forward, still waiting past the deadline backward
-    assert ctl_fwd["stopped"] == "wall-clock deadline" and ctl_fwd["real_s"] < deadline_s - 2.5, ctl_fwd
+    # a wall-clock deadline is broken by them: ended early forward (~2 s after the start, later on a loaded machine),
+    # still waiting past the deadline backward
+    assert ctl_fwd["stopped"] == "wall-clock deadline" and ctl_fwd["real_s"] < deadline_s - 1, ctl_fwd  # below the gate's lower bound
     assert ctl_back["stopped"] == "still waiting at the cap" and ctl_back["real_s"] > deadline_s + 3, ctl_back
     # the gate is not: an unhealthy version fails after its deadline in real time, having probed all along (how many
     # probes fit depends on what a probe costs on a loaded machine: at most one per interval)
