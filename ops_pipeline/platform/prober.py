@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -67,12 +69,32 @@ class HttpProber(dg.ConfigurableResource):
         """One GET of `url`. Healthy: a 2xx answer; the version is read where `version_from` says (off: not read).
         `client`: a shared client (see `shared_client`) instead of one built for this probe."""
         started = time.monotonic()
+        # httpx's timeouts bound each network operation, not the probe: an endpoint that trickles its answer a byte
+        # at a time never times out. A watchdog shuts the probe's socket down once `timeout_s` has passed.
+        sockets: list[socket.socket] = []
+
+        def trace(event: str, info: dict) -> None:
+            if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+                sock = info["return_value"].get_extra_info("socket")
+                if sock is not None:
+                    sockets.append(sock)
+
+        def cut() -> None:
+            for sock in sockets:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+        watchdog = threading.Timer(timeout_s, cut)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             if client is not None:
-                resp = client.get(url, timeout=timeout_s)
+                resp = client.get(url, timeout=timeout_s, extensions={"trace": trace})
             else:
                 with self.shared_client() as own:
-                    resp = own.get(url, timeout=timeout_s)
+                    resp = own.get(url, timeout=timeout_s, extensions={"trace": trace})
             latency = (time.monotonic() - started) * 1000
             try:
                 body = resp.json()
@@ -83,8 +105,13 @@ class HttpProber(dg.ConfigurableResource):
                          body=body if isinstance(body, (dict, str)) else json.dumps(body)[:500],
                          version_checked=version_from != "off")
         except httpx.HTTPError as exc:
-            return Probe(url=url, ok=False, status=None, version=None, latency_ms=(time.monotonic() - started) * 1000,
-                         error=f"{type(exc).__name__}: {exc}"[:300])
+            elapsed = time.monotonic() - started
+            error = f"{type(exc).__name__}: {exc}"
+            if elapsed >= timeout_s and not isinstance(exc, httpx.TimeoutException):
+                error = f"no complete answer within {timeout_s:.1f} s (cut; {error})"
+            return Probe(url=url, ok=False, status=None, version=None, latency_ms=elapsed * 1000, error=error[:300])
+        finally:
+            watchdog.cancel()
 
     def shared_client(self, max_connections: int = 1) -> httpx.Client:
         """A client whose every probe opens a fresh connection: a kept-alive socket to a dying instance says nothing

@@ -12,7 +12,9 @@ probes x interval whatever the number of environments (bench/health_watch.py). I
 environment; its note is one summary line plus the environments that are not healthy.
 
 A run of an environment that is in progress blocks the health watch's rollback, unless its process is dead
-(ops_pipeline/release/liveness.py): then it is marked failed and the rollback goes ahead. `run_liveness` sweeps every
+(ops_pipeline/release/liveness.py): then it is marked failed and the rollback goes ahead. A rollback of the incident
+that died (e.g. killed with the daemon) does not count as requested: another one is requested under a run key of its
+own (at most MAX_DEAD_ROLLBACKS dead ones per incident). `run_liveness` sweeps every
 in-progress run of this project's jobs on its own, so a dead one never keeps the queue blocked.
 
 Settings (platform/settings.py, parsed once at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
@@ -47,6 +49,8 @@ PROBES_PER_TICK = settings().health_probes_per_tick
 PROBE_INTERVAL_S = settings().health_probe_interval_s
 PROBE_TIMEOUT_S = settings().health_probe_timeout_s
 MAX_PARALLEL = settings().health_max_parallel
+PROBE_TIMEOUT_FLOOR_S = 0.5  # a probe started at the deadline (the one every environment gets) waits this long at least
+MAX_DEAD_ROLLBACKS = 3  # rollbacks of one incident that died before the health watch stops requesting another
 NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
 PROJECT_JOBS = {release.name, rollback.name, plan.name, approve_release.name, backup.name, restore_drill_job.name,
                 restore_database_job.name}
@@ -84,6 +88,15 @@ def rollback_request(environment: str, bad_version: str, reason: str, run_key: s
     )
 
 
+def rollback_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """A rollback run whose process died: declared dead by the liveness checks, or in progress with a dead process."""
+    if run.status == dg.DagsterRunStatus.FAILURE:
+        return liveness.death_record(instance, run.run_id) is not None
+    if run.status in liveness.IN_PROGRESS:
+        return liveness.check_run(instance, run).dead
+    return False
+
+
 def evaluate_environment(environment: str, state: dict, hist: history.EnvironmentHistory, prober: HttpProber,
                          instance: dg.DagsterInstance, *, threshold: int = THRESHOLD, probes: int = PROBES_PER_TICK,
                          interval_s: float = PROBE_INTERVAL_S, timeout_s: float = PROBE_TIMEOUT_S,
@@ -103,7 +116,8 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
     if state.get("serving") != serving:
         state = {"serving": serving, "failures": 0}
     for i in range(probes):
-        p = prober.probe(url, timeout_s=timeout_s, version_from=spec.app.health_version)
+        left = timeout_s if deadline is None else min(timeout_s, max(PROBE_TIMEOUT_FLOOR_S, deadline - time.monotonic()))
+        p = prober.probe(url, timeout_s=left, version_from=spec.app.health_version)
         state["probes"] = state.get("probes", 0) + 1
         if p.ok:
             if state.get("failures"):
@@ -125,7 +139,8 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
             time.sleep(interval_s)
     if state.get("failures", 0) < threshold:
         return state, None, f"{environment}: {serving} healthy" if not state.get("failures") else \
-            f"{environment}: {state['failures']} consecutive failed probe(s), below threshold {threshold}"
+            f"{environment}: {state['failures']} consecutive failed probe(s), below threshold {threshold} " \
+            f"({state.get('last_error', '')[:120]})"
     bad = state.get("bad_version") or serving
     latest = hist.latest()
     if (latest is not None and latest.event == history.RELEASE_FAILED and latest.version == bad
@@ -134,11 +149,22 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         # not acted within the grace period (e.g. it is stopped).
         return state, None, f"{environment}: {bad} failed its release; rollback_on_release_failure handles it"
     requested = list(instance.get_runs(filters=dg.RunsFilter(
-        job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=1))
-    if requested:
-        return state, None, f"{environment}: rollback of {bad} already requested (run {requested[0].run_id[:8]})"
-    good = hist.last_good(exclude={bad})
+        job_name=rollback.name, tags={"ops/environment": environment, "ops/bad_version": bad}), limit=MAX_DEAD_ROLLBACKS))
     key = f"health:{environment}:{bad}"
+    retry_note = ""
+    if requested:
+        prior = requested[0]
+        if not rollback_died(instance, prior):
+            return state, None, f"{environment}: rollback of {bad} already requested (run {prior.run_id[:8]})"
+        # The rollback requested for this incident died (its process killed, e.g. with the daemon): marked failed by
+        # the liveness checks, it rolled nothing back. Another one, under a run key of its own (a run key is used once).
+        dead = sum(1 for r in requested if rollback_died(instance, r))
+        if dead >= MAX_DEAD_ROLLBACKS:
+            return state, None, (f"{environment}: {dead} rollbacks of {bad} died (last: run {prior.run_id[:8]}); not "
+                                 "requesting another: roll back by hand")
+        key = f"{key}:after-{prior.run_id[:8]}"
+        retry_note = f"; rollback run {prior.run_id[:8]} died, requesting another"
+    good = hist.last_good(exclude={bad})
     running, declared = [], []
     for run in active_runs(instance, environment):
         verdict = liveness.check_run(instance, run) if run.status in liveness.IN_PROGRESS else None
@@ -163,7 +189,7 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
               f"{time.strftime('%H:%M:%S', time.gmtime(state['first_failure_at']))}Z ({state.get('last_error', '')})")
     state["requested"] = key
     return state, rollback_request(environment, bad, reason, key, "health_watch"), \
-        f"{environment}: rollback of {bad} requested{dead_note}"
+        f"{environment}: rollback of {bad} requested{retry_note}{dead_note}"
 
 
 def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *, probes: int | None = None,
@@ -178,8 +204,9 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
     threshold = THRESHOLD if threshold is None else threshold
     max_parallel = MAX_PARALLEL if max_parallel is None else max_parallel
     envs = history.environments(instance)
-    # probing lasts about probes x interval; the bound leaves room for a last probe's timeout
-    budget_s = max(probes - 1, 0) * interval_s + timeout_s
+    # probing lasts about probes x interval; the bound leaves room for a last probe's timeout, and never passes half
+    # of Dagster's sensor timeout (a tick cut by it saves no cursor and requests nothing), whatever OPS_HEALTH_* say
+    budget_s = min(max(probes - 1, 0) * interval_s + timeout_s, tick_limit_s())
     deadline = time.monotonic() + budget_s
 
     def one(env: str):
@@ -211,7 +238,15 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
     return new_cursor, requests, [(env, kind, note) for env, _, _, kind, note in results]
 
 
-def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int = NOTE_MAX_ENVIRONMENTS) -> str:
+def tick_limit_s() -> float:
+    """Half of Dagster's sensor evaluation timeout (DAGSTER_SENSOR_GRPC_TIMEOUT_SECONDS, 60 s by default)."""
+    from dagster._grpc.utils import default_sensor_grpc_timeout
+
+    return default_sensor_grpc_timeout() / 2
+
+
+def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int = NOTE_MAX_ENVIRONMENTS,
+              summary_suffix: str = "") -> str:
     """One summary line, then only the environments that are not healthy (at most `limit`)."""
     if not outcomes:
         return "no released environment"
@@ -220,7 +255,7 @@ def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int
         counts[kind] = counts.get(kind, 0) + 1
     order = ["healthy", "failing", "unhealthy", "requested", "error", "idle"]
     summary = (f"{len(outcomes)} environment(s) probed in {elapsed_s:.1f} s: "
-               + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)))
+               + ", ".join(f"{counts[k]} {k}" for k in order if counts.get(k)) + summary_suffix)
     attention = [note for _, kind, note in outcomes if kind not in ("healthy", "idle")]
     lines = [summary] + attention[:limit]
     if len(attention) > limit:
@@ -254,7 +289,10 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
         return dg.SensorResult(skip_reason=f"cannot read release history: {type(exc).__name__}", cursor=json.dumps(cursor))
     finally:
         prober.close()
-    note = tick_note(outcomes, time.monotonic() - started)
+    natural_s = max(PROBES_PER_TICK - 1, 0) * PROBE_INTERVAL_S + PROBE_TIMEOUT_S
+    cut = (f" (probing cut at {tick_limit_s():.0f} s, half the sensor timeout; OPS_HEALTH_* ask for {natural_s:.0f} s)"
+           if natural_s > tick_limit_s() else "")
+    note = tick_note(outcomes, time.monotonic() - started, summary_suffix=cut)
     for env, kind, text in outcomes:
         if kind == "requested":
             request = next(r for r in requests if r.tags.get("ops/environment") == env)
