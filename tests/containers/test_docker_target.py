@@ -292,7 +292,9 @@ def test_never_healthy_version_leaves_old_replicas_serving(container_engine, con
     step, message = failure_of(r)
     assert step == "rolling_deploy"
     assert "never became healthy" in message and "HTTP 503" in message and "still serving v1" in message, message
-    assert "not healthy within 12 s" in message, message
+    # whichever comes first stops the wait: the 12 s bound, or the engine's HEALTHCHECK turning unhealthy (its own
+    # schedule: 3 failures can land before 12 s on a busy host)
+    assert "not healthy within 12 s" in message or "HEALTHCHECK reports unhealthy" in message, message
     assert "last log lines of" in message
     print(f"\nnever-healthy v2 stopped after {time.monotonic() - t0:.1f} s; load meanwhile: {load.summary()}")
     assert load.result["failed"] == 0, load.result["failures"]

@@ -415,6 +415,17 @@ class DockerTarget(DeployTarget):
             inst = self._instance(c)
             if inst.status in IN_SERVICE and inst.extra.get("port"):
                 members[c.name] = (inst.extra["port"], inst.version)
+        if not members:
+            # Every old container is reported unhealthy by the engine's HEALTHCHECK (e.g. its checks timed out on a busy
+            # host) yet still runs: it stays in the upstream until a new one is healthy. An empty upstream is a 502 for
+            # every request; an instance its HEALTHCHECK doubts answers most of them.
+            for c in old:
+                inst = self._instance(c)
+                if (c.attrs.get("State") or {}).get("Status") == "running" and inst.extra.get("port"):
+                    members[c.name] = (inst.extra["port"], inst.version)
+            if members:
+                log(f"every serving container is reported {', '.join(sorted({self._instance(c).status for c in old}))}; "
+                    "they keep serving until a new one is healthy")
         log(f"rolling out {version} ({ref}) to {n} container(s) on network {self.network_name} (one at a time); "
             f"serving now: {', '.join(f'{c.name}[{self._instance(c).status}]' for c in old) or 'nothing'}")
         new: list = []
