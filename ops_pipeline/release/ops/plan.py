@@ -22,7 +22,7 @@ from ops_pipeline.platform import history, paths
 from ops_pipeline.platform.app_env import resolve_reference
 from ops_pipeline.platform.local_stack import LocalStack
 from ops_pipeline.platform.migration_tables import MigrationsTableError, applied_migrations
-from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+from ops_pipeline.platform.spec import DeployTargetKind, ReleaseConfig, ReleaseSpec
 from ops_pipeline.release.ops.preflight import check_release_config, default_version, git_state
 from ops_pipeline.targets.base import rollout_plan
 from ops_pipeline.targets.resource import DeployTargets
@@ -49,7 +49,7 @@ def pending_migrations(files: list[str], applied: list[str]) -> list[str]:
 def artifact_outlook(spec: ReleaseSpec) -> dict:
     """Which artifact the build would make or reuse. A bundle's id ends with its content hash, known only after
     staging; an artifact of the same clean commit is what the build reuses when the content is the same."""
-    if spec.target.kind.value != "pm2":
+    if spec.target.kind != DeployTargetKind.pm2:
         return {"kind": "image", "action": "build an image (reused by the engine's layer cache when unchanged)"}
     prefix = f"{spec.app.name}-{spec.commit or 'nogit'}"
     built = sorted((p for p in paths.artifacts_dir().glob(f"{prefix}-*.json")), key=lambda p: p.stat().st_mtime)
