@@ -181,11 +181,14 @@ class UIStack:
                        for role in ("operator", "viewer"))
         wait_until("both webservers through the proxy's health listener", healthy, self.procs, 240)
 
-        def location_loaded() -> bool:
-            data = self.graphql("victor.v", JOBS, check=False).json().get("data") or {}
+        def location_loaded(user: str) -> bool:
+            data = self.graphql(user, JOBS, check=False).json().get("data") or {}
             nodes = (data.get("repositoriesOrError") or {}).get("nodes") or []
             return any(job["name"] == "backup" for node in nodes for job in node["jobs"])
-        wait_until("code location loaded", location_loaded, self.procs, 180)
+        # each webserver loads the code location on its own: wait for both (the operator's was once still loading
+        # when the viewer's had it, and a launch got PipelineNotFoundError)
+        wait_until("code location loaded by both webservers",
+                   lambda: all(location_loaded(user) for user in ("victor.v", "olivia")), self.procs, 180)
         self.startup_s = round(time.monotonic() - t0, 1)
         return self
 
