@@ -11,6 +11,7 @@ spec (a run config file, see `presets/`), not code. `verify_env` validates the w
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -408,8 +409,24 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     _check_release(cfg, problems)
     _check_app(cfg, check_paths, problems)
     _check_target(cfg.target, cfg.app, problems)
+    if cfg.target.kind == DeployTargetKind.pm2 and ENV_NAME.match(cfg.environment or ""):
+        _check_pm2_home(cfg, problems)
     _check_gate(cfg.gate, problems)
     return problems
+
+
+UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def _check_pm2_home(cfg: ReleaseConfig, problems: list[str]) -> None:
+    """PM2 talks to its daemon over Unix sockets in PM2_HOME; past 107 bytes the daemon cannot bind them and every
+    `pm2` command hangs while the daemon spins (seen with a deep state folder). Refused before anything starts."""
+    home = Path(cfg.target.pm2.home) if cfg.target.pm2.home else paths.environment_dir(cfg.environment) / "pm2"
+    longest = home / "interactor.sock"
+    if len(os.fsencode(longest)) > UNIX_SOCKET_PATH_MAX:
+        field = "target.pm2.home" if cfg.target.pm2.home else "the state folder (OPS_STATE_DIR)"
+        problems.append(f"{field}: PM2's socket {longest} would be {len(os.fsencode(longest))} bytes, over the "
+                        f"{UNIX_SOCKET_PATH_MAX}-byte limit of a Unix socket path; use a shorter folder")
 
 
 def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
