@@ -262,6 +262,25 @@ class KubernetesTargetConfig(dg.Config):
     progress_deadline_s: float = Field(600.0, description="Give up on a rollout after this long.")
 
 
+class HostConfig(dg.Config):
+    """One machine the service runs on, reached over SSH (its host key pinned in target.known_hosts)."""
+
+    address: str = Field(description="IP address or DNS name the pipeline reaches the host on.")
+    name: str = Field("", description="Short name shown in logs, history and status (default: the address).")
+    user: str = Field("deploy", description="SSH user.")
+    port: int = Field(22, description="SSH port.")
+    key_file: str = Field("", description="Private key file (absolute path); empty: the SSH agent (SSH_AUTH_SOCK).")
+    roles: list[str] = Field(["web"], description="web (serves traffic) and/or migrate (the one host that runs the "
+                             "migration).")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address
+
+
+HOST_ROLES = ("web", "migrate")
+
+
 class TargetConfig(dg.Config):
     """Where the service runs and how many instances serve it."""
 
@@ -273,6 +292,10 @@ class TargetConfig(dg.Config):
     pm2: Pm2Config = Field(default_factory=Pm2Config)
     docker: DockerTargetConfig = Field(default_factory=DockerTargetConfig)
     kubernetes: KubernetesTargetConfig = Field(default_factory=KubernetesTargetConfig)
+    hosts: list[HostConfig] = Field([], description="The machines the service runs on, over SSH (empty: this machine).")
+    known_hosts: str = Field("", description="known_hosts file pinning every host's SSH key (required with hosts; a "
+                             "host whose key is not in it is refused, never trusted on first contact).")
+    ssh_timeout_s: float = Field(10.0, description="Timeout of an SSH connection (TCP, banner, authentication).")
 
 
 class GateConfig(dg.Config):
@@ -409,10 +432,52 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     _check_release(cfg, problems)
     _check_app(cfg, check_paths, problems)
     _check_target(cfg.target, cfg.app, problems)
+    _check_hosts(cfg.target, check_paths, problems)
     if cfg.target.kind == DeployTargetKind.pm2 and ENV_NAME.match(cfg.environment or ""):
         _check_pm2_home(cfg, problems)
     _check_gate(cfg.gate, problems)
     return problems
+
+
+def _check_hosts(t: TargetConfig, check_paths: bool, problems: list[str]) -> None:
+    if not t.hosts:
+        return
+    if not t.known_hosts:
+        problems.append("target.known_hosts: required with target.hosts (a known_hosts file pinning every host's key; "
+                        "get a key with `ssh-keyscan -p PORT ADDRESS` and check its fingerprint out of band)")
+    elif check_paths and not paths.resolve(t.known_hosts).is_file():
+        problems.append(f"target.known_hosts: {t.known_hosts!r} is not a file")
+    if _bad_number(t.ssh_timeout_s, 0, strict=True):
+        problems.append(f"target.ssh_timeout_s: must be > 0 (got {t.ssh_timeout_s})")
+    seen: dict[tuple[str, int], int] = {}
+    labels: dict[str, int] = {}
+    for n, h in enumerate(t.hosts):
+        where = f"target.hosts[{n}]"
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}\Z", h.address or ""):
+            problems.append(f"{where}.address: {h.address!r} is not a host name or IP address")
+        if not re.match(r"^[a-z_][a-z0-9_-]{0,31}\Z", h.user or ""):
+            problems.append(f"{where}.user: {h.user!r} is not a user name")
+        if not (1 <= h.port <= 65535):
+            problems.append(f"{where}.port: must be between 1 and 65535 (got {h.port})")
+        if h.key_file and not h.key_file.startswith("/"):
+            problems.append(f"{where}.key_file: {h.key_file!r} must be an absolute path")
+        elif h.key_file and check_paths and not Path(h.key_file).is_file():
+            problems.append(f"{where}.key_file: {h.key_file!r} is not a file")
+        unknown = sorted(set(h.roles) - set(HOST_ROLES))
+        if unknown or not h.roles:
+            problems.append(f"{where}.roles: {h.roles} (known roles: {', '.join(HOST_ROLES)}; at least one)")
+        if (h.address, h.port) in seen:
+            problems.append(f"{where}: {h.address}:{h.port} is listed twice (also target.hosts[{seen[h.address, h.port]}])")
+        seen.setdefault((h.address, h.port), n)
+        if h.label in labels:
+            problems.append(f"{where}.name: {h.label!r} names two hosts (also target.hosts[{labels[h.label]}])")
+        labels.setdefault(h.label, n)
+    if not any("web" in h.roles for h in t.hosts):
+        problems.append("target.hosts: no host has the web role (nothing would serve)")
+    migrate = [h.label for h in t.hosts if "migrate" in h.roles]
+    if len(migrate) > 1:
+        problems.append(f"target.hosts: the migrate role is on {len(migrate)} hosts ({', '.join(migrate)}); the "
+                        "migration runs once, on one host")
 
 
 UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
