@@ -19,25 +19,10 @@ from ops_pipeline.platform import history
 from ops_pipeline.platform.spec import ReleaseConfig, validate_release_config
 from ops_pipeline.targets.hosts.check import check_hosts
 from tests.conftest import make_defs, release_run_config
-from tests.hosts.netns import SshTestHosts, can_make_hosts, sh
+from tests.hosts.conftest import target
+from tests.hosts.netns import sh
 
 pytestmark = pytest.mark.xdist_group("test_hosts")
-
-
-@pytest.fixture(scope="module")
-def hosts(tmp_path_factory):
-    reason = can_make_hosts()
-    if reason:
-        pytest.fail(f"test hosts cannot be made here: {reason}")
-    made = SshTestHosts(tmp_path_factory.mktemp("hosts"), 3)
-    try:
-        yield made.start()
-    finally:
-        made.stop()
-
-
-def target(hosts: SshTestHosts, **extra) -> dict:
-    return {"hosts": hosts.spec_hosts(), "known_hosts": str(hosts.known_hosts), "ssh_timeout_s": 3, **extra}
 
 
 def openssh_fingerprint(pub: Path) -> str:
