@@ -8,6 +8,7 @@ rollout across hosts does not exist yet).
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -31,6 +32,22 @@ def openssh_fingerprint(pub: Path) -> str:
     return f"{pub.read_text().split()[0]} {digest}"
 
 
+PM2_VERSION = json.loads((Path(__file__).resolve().parents[2] / "tools/node_modules/pm2/package.json").read_text())["version"]
+
+
+def daemons_of(pm2_home: Path) -> list[int]:
+    """PM2 daemons whose PM2_HOME is pm2_home (the SSH user's default one here)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"God Daemon" in (proc / "cmdline").read_bytes() and \
+                    f"PM2_HOME={pm2_home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
 def test_check_hosts_job_reports_every_host_ready(hosts, node_app, environment_name):
     result = make_defs().get_job_def("check_hosts").execute_in_process(
         run_config=release_run_config(node_app, environment_name, version="v1", target=target(hosts)))
@@ -41,8 +58,9 @@ def test_check_hosts_job_reports_every_host_ready(hosts, node_app, environment_n
     for row, host in zip(rows, hosts.hosts, strict=True):
         assert row["reachable"] and not row["problems"], row
         assert row["key"] == openssh_fingerprint(host.folder / "ssh_host_ed25519_key.pub")
-        assert row["node"] == node and row["pm2"], row
+        assert row["node"] == node and row["pm2"] == PM2_VERSION, row
         assert row["free_mb"] > 0 and abs(row["clock_skew_s"]) < 2, row
+    assert not daemons_of(Path.home() / ".pm2"), "checking a host must not leave a PM2 daemon running on it"
     mat = [e for e in result.all_events if e.event_type_value == "STEP_OUTPUT"]
     table = mat[0].event_specific_data.metadata["hosts"]
     assert isinstance(table, dg.TableMetadataValue) and len(table.records) == 3

@@ -7,6 +7,7 @@ list naming every host that is not ready, so that a release stops before its fir
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,7 +24,8 @@ COMMAND_TIMEOUT_S = 30.0  # one probe command (pm2 starts node: seconds on a bus
 # Each probe is one command, its argv as data; all are run in one SSH connection.
 PROBES: dict[str, list[str]] = {
     "node": ["node", "--version"],
-    "pm2": ["pm2", "--version"],
+    # `pm2 --version` starts a PM2 daemon when none runs: its package.json is read instead (nothing left running)
+    "pm2": ["sh", "-c", 'cat "$(dirname "$(readlink -f "$(command -v pm2)")")/../package.json"'],
     "disk": ["df", "-Pk", "/"],
     "clock": ["date", "+%s.%N"],
 }
@@ -68,9 +70,11 @@ def check_host(host: HostConfig, target: TargetConfig, redactor: Redactor | None
     else:
         report.problems.append(f"{where}: node is not installed or not on the SSH user's PATH "
                                f"({(out['node'].stderr or out['node'].stdout).strip()[:200]})")
-    if out["pm2"].ok:
-        report.pm2 = out["pm2"].stdout.strip().splitlines()[-1] if out["pm2"].stdout.strip() else ""
-    elif target.kind == DeployTargetKind.pm2:
+    try:
+        report.pm2 = str(json.loads(out["pm2"].stdout)["version"]) if out["pm2"].ok else ""
+    except (ValueError, KeyError, TypeError):
+        report.pm2 = ""
+    if not report.pm2 and target.kind == DeployTargetKind.pm2:
         report.problems.append(f"{where}: pm2 is not installed or not on the SSH user's PATH (npm install -g pm2)")
     try:
         report.free_mb = int(out["disk"].stdout.splitlines()[-1].split()[3]) // 1024
