@@ -139,6 +139,7 @@ class RestoredServer:
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
         shutil.rmtree(self.socket_dir, ignore_errors=True)
+        Path(self.log_file).unlink(missing_ok=True)
 
 
 def _new_folder(path: str, os_user: str) -> None:
