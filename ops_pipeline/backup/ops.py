@@ -12,6 +12,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import Field
 
 from ops_pipeline import backup as backups
+from ops_pipeline.backup import archive_ops
 from ops_pipeline.backup.store import BackupStore, StoreError
 from ops_pipeline.platform import history
 from ops_pipeline.platform.app_env import resolve_app_env
@@ -142,6 +143,8 @@ def backup_database(
 ) -> dict:
     url, env = database_url(spec, local_stack)
     trigger = "pre-release" if spec.version else spec.extra.get("trigger", "manual")
+    if spec.app.database.backups == "archive":  # WAL archiving: a restore point for a release, else a base backup
+        return archive_ops.backup_step(context, spec, url, env.redactor, backup_store, trigger)
     try:
         manifest = backups.take_backup(
             postgres, backup_store, url, trigger=trigger, environment=spec.environment, log=context.log.info,
@@ -221,6 +224,8 @@ def prune_backups(context: dg.OpExecutionContext, config: RetentionConfig, manif
         raise failure(str(SpecError(problems)))
     if not manifest.get("verified"):
         raise failure("refusing to prune: the new backup is not verified")
+    if manifest.get("kind") == "base_backup":  # pgBackRest's expire ran after the backup
+        return archive_ops.expired_with_backup(context, manifest)
     scope = manifest["scope"]
     policy = backups.RetentionPolicy(config.daily, config.weekly, config.monthly, config.floor, config.keep_pre_release)
     manifests = backup_store.manifests(scope)

@@ -197,8 +197,10 @@ class PgBackRest:
         if stanza is None:
             raise BackupError(f"no stanza {self.stanza!r} in the repository")
         status = stanza.get("status", {})
-        if status.get("code") not in (0, None) or any(r.get("status", {}).get("code") for r in stanza.get("repo", [])):
-            problems = [r["status"].get("message", "") for r in stanza.get("repo", []) if r.get("status", {}).get("code")]
+        fine = (0, 2, None)  # 2: no valid backups yet (a new stanza)
+        if status.get("code") not in fine or any(r.get("status", {}).get("code") not in fine for r in stanza.get("repo", [])):
+            problems = [r["status"].get("message", "") for r in stanza.get("repo", [])
+                        if r.get("status", {}).get("code") not in fine]
             raise BackupError(f"pgbackrest info: stanza {self.stanza}: {status.get('message')}"
                               + (f" ({'; '.join(problems)})" if problems else ""))
         return stanza

@@ -139,8 +139,28 @@ class RedisVarsConfig(ConnectionVarsConfig):
     url: str = Field("REDIS_URL", description="Variable that receives the whole URL (empty: parts only).")
 
 
+class ArchiveConfig(dg.Config):
+    """Continuous WAL archiving with pgBackRest (`backups: archive`): the server must run on the Dagster host."""
+
+    admin_url_from: str = Field("", description="A superuser's URL of the same server (env:NAME or file:/path; empty: "
+                                "the app's database URL, whose role must then be a superuser): restore points, archive "
+                                "status and base backups need one.")
+    cipher_key_from: str = Field("", description="Key encrypting the archive repository (aes-256-cbc): env:NAME or "
+                                 "file:/path, never stored with the backups; empty: unencrypted.")
+    repo_dir: str = Field("", description="pgBackRest repository folder (empty: <backup folder>/pgbackrest).")
+    retention_full: int = Field(2, description="Full base backups kept; WAL is kept from the oldest kept one on.")
+    archive_timeout_s: int = Field(60, description="archive_timeout: the longest a written change waits before its WAL "
+                                   "segment is archived (the recovery point objective under light writes).")
+
+
 class DatabaseConfig(dg.Config):
     """The environment's PostgreSQL and how the app receives it."""
+
+    backups: str = Field("dump", description="dump: a verified pg_dump before each release and nightly (any PostgreSQL, "
+                         "managed ones too). archive: continuous WAL archiving with pgBackRest (the server must run on "
+                         "this host); a release records a named restore point instead of a dump, and restore_point_in_time "
+                         "restores to any moment.")
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="Settings of backups: archive.")
 
     url_from: str = Field("env:DATABASE_URL", description="Where the environment's PostgreSQL URL comes from: "
                           "env:NAME (the Dagster process environment) or file:/path. An unset env:NAME on a non-production "
@@ -407,6 +427,7 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
     for name in app.required_env:
         if name in owners:
             problems.append(f"app.required_env: {name} is already set by {owners[name]}")
+    _check_backups(app.database, problems)
     for fname in ("embedded_database", "embedded_role"):
         value = getattr(app.database, fname)
         if not re.match(r"^[a-z_][a-z0-9_]{0,62}\Z", value or ""):
@@ -511,6 +532,21 @@ def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
         problems.append(f"approval.before: must be migrate or deploy (got {cfg.approval.before!r})")
     if _bad_number(cfg.approval.timeout_s, 0, strict=True):
         problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
+
+
+def _check_backups(db: DatabaseConfig, problems: list[str]) -> None:
+    if db.backups not in ("dump", "archive"):
+        problems.append(f"app.database.backups: must be dump or archive (got {db.backups!r})")
+    for fname in ("admin_url_from", "cipher_key_from"):
+        ref = getattr(db.archive, fname)
+        if ref and (not SECRET_REF.match(ref) or ref == "generate"):
+            problems.append(f"app.database.archive.{fname}: {ref!r} must be env:NAME or file:/absolute/path")
+    if db.archive.repo_dir and not db.archive.repo_dir.startswith("/"):
+        problems.append(f"app.database.archive.repo_dir: {db.archive.repo_dir!r} must be an absolute path")
+    if not 1 <= db.archive.retention_full <= 100:
+        problems.append(f"app.database.archive.retention_full: must be between 1 and 100 (got {db.archive.retention_full})")
+    if not 1 <= db.archive.archive_timeout_s <= 3600:
+        problems.append(f"app.database.archive.archive_timeout_s: must be between 1 and 3600 (got {db.archive.archive_timeout_s})")
 
 
 def _check_app(cfg: ReleaseConfig, check_paths: bool, problems: list[str]) -> None:
