@@ -55,6 +55,11 @@ class Server:
     db_password: str = ""
 
 
+def _printable(text: str) -> str:
+    """pgBackRest quotes undecryptable file content in some messages: keep the words."""
+    return re.sub(r"[^\x20-\x7e]+", "?", text)
+
+
 def segment_number(name: str) -> tuple[int, int]:
     """(timeline, segment number) of a WAL file name, with 16 MB segments (256 per 'log' id)."""
     m = SEGMENT.match(name)
@@ -190,9 +195,9 @@ class PgBackRest:
         """`pgbackrest info --output=json` for the stanza; a repository error (wrong key, missing stanza) raises."""
         out = self.run("info", "--output=json", "--log-level-console=warn", quiet=True)
         try:
-            stanzas = json.loads(out[out.index("["):])
+            stanzas = json.loads(out[out.index("["):], strict=False)  # messages may quote undecryptable bytes
         except ValueError:
-            raise BackupError(f"pgbackrest info gave no JSON: {self.redact(out[-500:])}") from None
+            raise BackupError(f"pgbackrest info gave no JSON: {self.redact(_printable(out)[-500:])}") from None
         stanza = next((s for s in stanzas if s.get("name") == self.stanza), None)
         if stanza is None:
             raise BackupError(f"no stanza {self.stanza!r} in the repository")
@@ -201,8 +206,15 @@ class PgBackRest:
         if status.get("code") not in fine or any(r.get("status", {}).get("code") not in fine for r in stanza.get("repo", [])):
             problems = [r["status"].get("message", "") for r in stanza.get("repo", [])
                         if r.get("status", {}).get("code") not in fine]
+            text = _printable("; ".join(problems))
+            text = re.sub(r"(at line \d+):.*", r"\1 (ciphertext)", text.split("?FormatError")[0] + (
+                " (" + text.split("?FormatError: ", 1)[1].split(":")[0] + ")" if "?FormatError: " in text else ""))
+            if re.search(r"cipher|encrypt|Salted|FormatError", text):
+                raise BackupError(f"the repository key does not open the repository {self.repo.path} (no key or a wrong "
+                                  f"key: {'none given' if not self.repo.cipher_key else 'the one given'}); pgBackRest "
+                                  f"says: {self.redact(text)[:300]}")
             raise BackupError(f"pgbackrest info: stanza {self.stanza}: {status.get('message')}"
-                              + (f" ({'; '.join(problems)})" if problems else ""))
+                              + (f" ({self.redact(text)[:500]})" if problems else ""))
         return stanza
 
     def verify(self) -> str:
