@@ -57,12 +57,14 @@ def enable_archiving(admin_url: str, tool: PgBackRest, *, archive_timeout_s: int
     with psycopg.connect(admin_url, autocommit=True) as conn:
         current = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN ('archive_mode', 'wal_level', "
                                     "'archive_command', 'archive_timeout')").fetchall())
-        for name, value in settings.items():
-            if name == "wal_level" and current.get("wal_level") == "logical":
-                continue  # logical includes replica
-            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
-        conn.execute("SELECT pg_reload_conf()")
-        time.sleep(0.2)
+        current["archive_timeout"] = f"{current.get('archive_timeout')}s"
+        changed = [name for name, value in settings.items() if current.get(name) != value
+                   and not (name == "wal_level" and current.get(name) == "logical")]  # logical includes replica
+        for name in changed:
+            conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(settings[name])))
+        if changed:
+            conn.execute("SELECT pg_reload_conf()")
+            time.sleep(0.2)
         live = dict(conn.execute("SELECT name, setting FROM pg_settings WHERE name IN ('archive_mode', 'wal_level')").fetchall())
     ready = live.get("archive_mode") in ("on", "always") and live.get("wal_level") in ("replica", "logical")
     if not ready:

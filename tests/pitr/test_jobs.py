@@ -1,7 +1,8 @@
 """Archive mode through the Dagster ops and jobs, on a real PostgreSQL 15 and pgBackRest: the release's backup step
 records a restore point (setting up the stanza and a first full backup the first time), the release history names
 it, the nightly backup job takes a verified base backup with `info` as asset metadata, and the
-restore_point_in_time job restores to the release's point and switches over only when confirmed."""
+weekly drill restores to the latest WAL and checks it, and the restore_point_in_time job restores to the release's
+point and switches over only when confirmed."""
 
 from __future__ import annotations
 
@@ -94,10 +95,21 @@ def test_release_restore_point_then_point_in_time_restore_and_confirmed_switch_o
         mats = instance.fetch_materializations(archive_ops.asset_key("arch"), limit=5).records
         assert mats[0].asset_materialization.metadata["backup_type"].value == base["backup_type"]
 
-        restore = defs.get_job_def("restore_point_in_time")
-        cfg_pitr = {"environment": "arch", "embedded_services": False, "target": "name", "target_value": point["id"]}
         parent = os.path.dirname(str(a.server.data))
         before = set(os.listdir(parent))
+        # 3b. the weekly drill proves point-in-time recovery: to the latest WAL, checked, timed, removed
+        r = defs.get_job_def("restore_drill").execute_in_process(
+            run_config={"ops": {"backup_target": {"config": {"environment": "arch", "embedded_services": False}}}},
+            instance=instance)
+        drill = r.output_for_node("drill_newest_backup")
+        assert drill["kind"] == "pitr" and drill["rows"] == 3001 and drill["amcheck"]["ok"]
+        assert drill["recovery"]["backup_set"] == base["id"]
+        assert set(os.listdir(parent)) == before
+        drills = instance.fetch_materializations(dg.AssetKey(["restore_drills", "arch", "shop"]), limit=1).records
+        assert drills[0].asset_materialization.metadata["kind"].value == "pitr"
+
+        restore = defs.get_job_def("restore_point_in_time")
+        cfg_pitr = {"environment": "arch", "embedded_services": False, "target": "name", "target_value": point["id"]}
         # 4. switch_over without the typed data folder: refused before anything is restored
         r = restore.execute_in_process(run_config={"ops": {"restore_point_in_time": {"config": {
             **cfg_pitr, "switch_over": True, "confirm_data_dir": "/somewhere/else"}}}}, instance=instance,
