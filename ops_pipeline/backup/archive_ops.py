@@ -15,6 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import dagster as dg
 from pydantic import Field
@@ -22,7 +23,7 @@ from pydantic import Field
 from ops_pipeline.backup import archiving, pitr
 from ops_pipeline.backup.common import BackupError, LogFn
 from ops_pipeline.backup.drill import amcheck
-from ops_pipeline.backup.pgbackrest import PgBackRest, Repository, Server
+from ops_pipeline.backup.pgbackrest import S3, PgBackRest, Repository, Server
 from ops_pipeline.backup.store import BackupStore
 from ops_pipeline.platform import paths
 from ops_pipeline.platform.app_env import resolve_reference
@@ -59,16 +60,9 @@ def open_archive(spec: ReleaseSpec, url: str, redactor: Redactor, store: BackupS
     cfg = spec.app.database.archive
     admin_url = _secret(cfg.admin_url_from, "admin_url_from", redactor) if cfg.admin_url_from else url
     key = _secret(cfg.cipher_key_from, "cipher_key_from", redactor) if cfg.cipher_key_from else ""
-    if cfg.repo_dir:
-        repo = cfg.repo_dir
-    elif store.kind == "local":
-        repo = str(store.root / "pgbackrest")
-    else:
-        raise failure("archive mode with an S3 backup store needs app.database.archive.repo_dir for now (the S3 "
-                      "repository is not wired yet); nothing was done")
     try:
         live = archiving.discover_server(admin_url)
-        tool = PgBackRest(spec.environment, live, Repository(repo, cfg.retention_full, key),
+        tool = PgBackRest(spec.environment, live, repository(cfg, store, key, redactor),
                           paths.state_dir() / "pgbackrest" / spec.environment, log=log, redactor=redactor)
         tool.write_config()
         if not archiving.enable_archiving(admin_url, tool, archive_timeout_s=cfg.archive_timeout_s, log=log):
@@ -80,12 +74,31 @@ def open_archive(spec: ReleaseSpec, url: str, redactor: Redactor, store: BackupS
         except BackupError as exc:
             if "missing stanza" not in str(exc):
                 raise
-            log(f"creating pgBackRest stanza {spec.environment} in {repo}")
+            log(f"creating pgBackRest stanza {spec.environment} in {tool.repo.describe()}")
             tool.stanza_create()
             tool.check()
     except BackupError as exc:
         raise failure(f"archive mode: {redactor(str(exc))}") from None
     return Archive(tool, live, admin_url)
+
+
+def repository(cfg, store: BackupStore, key: str, redactor: Redactor) -> Repository:
+    """`repo_dir`, else the backup store's: `<local folder>/pgbackrest`, or `<prefix>/pgbackrest` in its S3 bucket
+    (pgBackRest speaks HTTPS only; the endpoint is verified with AWS_CA_BUNDLE when set, like the store's client)."""
+    if cfg.repo_dir or store.kind == "local":
+        return Repository(cfg.repo_dir or str(store.root / "pgbackrest"), cfg.retention_full, key)
+    endpoint = urlsplit(store.s3_endpoint_url) if store.s3_endpoint_url else None
+    if endpoint and endpoint.scheme != "https":
+        raise failure(f"archive mode: pgBackRest reaches S3 over HTTPS only, the store's endpoint is "
+                      f"{store.s3_endpoint_url}; nothing was done")
+    access = store.aws_access_key_id or os.environ.get("AWS_ACCESS_KEY_ID", "")
+    secret = store.aws_secret_access_key or os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    redactor.add(secret)
+    s3 = S3(bucket=store.bucket, endpoint=endpoint.hostname if endpoint else f"s3.{store.s3_region}.amazonaws.com",
+            port=(endpoint.port or 443) if endpoint else 443, region=store.s3_region, key=access, secret=secret,
+            ca_file=os.environ.get("AWS_CA_BUNDLE", ""))
+    prefix = "/".join(p for p in (store.prefix.strip("/"), "pgbackrest") if p)
+    return Repository("/" + prefix, cfg.retention_full, key, s3=s3)
 
 
 def safety_point(archive: Archive, spec: ReleaseSpec, log: LogFn) -> dict:
@@ -102,7 +115,7 @@ def safety_point(archive: Archive, spec: ReleaseSpec, log: LogFn) -> dict:
     return {
         "id": POINT_PREFIX + point.name, "kind": "restore_point", "verified": True, "trigger": "pre-release",
         "environment": spec.environment, "database": ConnInfo.parse(archive.admin_url).database,
-        "release_version": spec.version, "location": f"pgBackRest stanza {archive.tool.stanza} in {archive.tool.repo.path} "
+        "release_version": spec.version, "location": f"pgBackRest stanza {archive.tool.stanza} in {archive.tool.repo.describe()} "
         f"(restore_point_in_time job, target: name, target_value: {point.name})",
         "duration_s": round(time.monotonic() - t0, 3), **point.as_dict(),
     }
@@ -118,7 +131,7 @@ def base_backup(archive: Archive, kind: str, trigger: str, log: LogFn) -> dict:
     except BackupError as exc:
         raise dg.Failure(description=f"base backup failed: {exc}", allow_retries=False) from None
     return {"id": entry["label"], "kind": "base_backup", "verified": True, "trigger": trigger, "backup_type": entry["type"],
-            "location": f"pgBackRest stanza {archive.tool.stanza} in {archive.tool.repo.path}",
+            "location": f"pgBackRest stanza {archive.tool.stanza} in {archive.tool.repo.describe()}",
             "duration_s": round(time.monotonic() - t0, 3), "entry": entry, "info": info,
             "verify": verify.strip().splitlines()[-6:], "environment": archive.tool.stanza}
 

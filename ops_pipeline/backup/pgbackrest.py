@@ -35,12 +35,30 @@ CIPHER = "aes-256-cbc"
 
 
 @dataclass(frozen=True)
+class S3:
+    """An S3-compatible bucket as the repository (pgBackRest speaks HTTPS only)."""
+
+    bucket: str
+    endpoint: str  # host name or address
+    port: int = 443
+    region: str = "us-east-1"
+    key: str = ""
+    secret: str = ""
+    ca_file: str = ""  # CA bundle to verify the endpoint with (e.g. AWS_CA_BUNDLE); empty: the system's
+    uri_style: str = "path"  # path style works with any S3-compatible endpoint
+
+
+@dataclass(frozen=True)
 class Repository:
     """Where a stanza's WAL and base backups go and how they are kept."""
 
-    path: str  # a local folder (pgBackRest's repo1-path)
+    path: str  # a local folder, or the key prefix inside the bucket (pgBackRest's repo1-path)
     retention_full: int = 2  # full backups kept; WAL older than the oldest kept one's start goes with it
     cipher_key: str = ""  # aes-256-cbc key of the repository (empty: unencrypted)
+    s3: S3 | None = None
+
+    def describe(self) -> str:
+        return f"s3://{self.s3.bucket}{self.path}" if self.s3 else self.path
 
 
 @dataclass(frozen=True)
@@ -83,7 +101,8 @@ class PgBackRest:
         self.config_dir = Path(config_dir)
         self.config_file = self.config_dir / "pgbackrest.conf"
         self.log = log
-        self.redact = (redactor or Redactor()).add(repo.cipher_key, server.db_password)
+        self.redact = (redactor or Redactor()).add(repo.cipher_key, server.db_password,
+                                                   repo.s3.secret if repo.s3 else "")
         self.binary = binary or which("pgbackrest") or ""
         if not self.binary:
             raise BackupError("pgbackrest is not installed (Debian: apt-get install pgbackrest; `make setup` does it)")
@@ -123,6 +142,12 @@ class PgBackRest:
         ]
         if self.repo.cipher_key:
             lines += [f"repo1-cipher-type={CIPHER}", f"repo1-cipher-pass={self.repo.cipher_key}"]
+        s3 = self.repo.s3
+        if s3:
+            lines += ["repo1-type=s3", f"repo1-s3-bucket={s3.bucket}", f"repo1-s3-endpoint={s3.endpoint}",
+                      f"repo1-storage-port={s3.port}", f"repo1-s3-region={s3.region}", f"repo1-s3-uri-style={s3.uri_style}"]
+            lines += [f"repo1-s3-key={s3.key}", f"repo1-s3-key-secret={s3.secret}"] if s3.key else ["repo1-s3-key-type=auto"]
+            lines += [f"repo1-storage-ca-file={s3.ca_file}"] if s3.ca_file else []
         lines += [
             "",
             f"[{self.stanza}]",
@@ -132,9 +157,10 @@ class PgBackRest:
             f"pg1-user={self.server.db_user}",
             "",
         ]
-        if any("\n" in str(v) for v in (self.repo.path, self.server.data_dir, self.server.socket_dir, self.repo.cipher_key)):
+        if any("\n" in line for line in lines):
             raise BackupError("a pgBackRest setting may not contain a line break")
-        for folder in (self.config_dir, self.config_dir / "lock", self.config_dir / "spool", Path(self.repo.path)):
+        folders = [self.config_dir, self.config_dir / "lock", self.config_dir / "spool"]
+        for folder in folders + ([] if s3 else [Path(self.repo.path)]):
             folder.mkdir(parents=True, exist_ok=True)
             os.chmod(folder, 0o700 if folder != Path(self.repo.path) else 0o750)
             if os.geteuid() == 0:
@@ -210,7 +236,7 @@ class PgBackRest:
             text = re.sub(r"(at line \d+):.*", r"\1 (ciphertext)", text.split("?FormatError")[0] + (
                 " (" + text.split("?FormatError: ", 1)[1].split(":")[0] + ")" if "?FormatError: " in text else ""))
             if re.search(r"cipher|encrypt|Salted|FormatError", text):
-                raise BackupError(f"the repository key does not open the repository {self.repo.path} (no key or a wrong "
+                raise BackupError(f"the repository key does not open the repository {self.repo.describe()} (no key or a wrong "
                                   f"key: {'none given' if not self.repo.cipher_key else 'the one given'}); pgBackRest "
                                   f"says: {self.redact(text)[:300]}")
             raise BackupError(f"pgbackrest info: stanza {self.stanza}: {status.get('message')}"
