@@ -111,7 +111,9 @@ def safety_point(archive: Archive, spec: ReleaseSpec, log: LogFn) -> dict:
         name = f"release-{spec.version}-{datetime.now(UTC):%Y%m%dT%H%M%S}"[:63]
         point = archiving.create_safety_point(archive.admin_url, name, log=log)
     except BackupError as exc:
-        raise dg.Failure(description=f"safety point failed, nothing was recorded: {exc}", allow_retries=True) from None
+        # not retried: an archive that does not take WAL (repository full, wrong key, archive_command failing) does
+        # not heal by itself, and each attempt would wait the archiving timeout again
+        raise failure(f"safety point failed, nothing was recorded, no migration ran: {exc}") from None
     return {
         "id": POINT_PREFIX + point.name, "kind": "restore_point", "verified": True, "trigger": "pre-release",
         "environment": spec.environment, "database": ConnInfo.parse(archive.admin_url).database,

@@ -48,6 +48,18 @@ def test_restore_to_the_safety_point_gives_the_schema_and_rows_before_a_bad_migr
         restored.discard()
 
 
+def test_a_safety_point_whose_wal_is_not_archived_fails_naming_the_segment_and_the_archive_failure(archived):
+    with psycopg.connect(archived.url, autocommit=True) as conn:
+        conn.execute("ALTER SYSTEM SET archive_command = 'false'")  # e.g. a full or unreachable repository
+        conn.execute("SELECT pg_reload_conf()")
+    with pytest.raises(BackupError) as err:
+        archiving.create_safety_point(archived.url, "release-v3-before", log=print, timeout_s=5)
+    message = str(err.value)
+    assert "with restore point 'release-v3-before' was not archived within 5 s" in message
+    assert "the last failure was 0000" in message
+    print(message)
+
+
 def test_bad_targets_are_refused_before_anything_is_restored():
     for kind, value, words in [("time", "yesterday", "not an ISO timestamp"),
                                ("time", "2026-12-04T22:00:00", "no time zone"),
