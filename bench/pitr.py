@@ -79,8 +79,8 @@ class Runs:
     def __init__(self, name: str) -> None:
         self.name, self.runs = name, []
 
-    def add(self, seconds: float) -> None:
-        self.runs.append((seconds, os.getloadavg()[0]))
+    def add(self, seconds: float, load: float) -> None:
+        self.runs.append((seconds, load))
 
     @property
     def best(self) -> float:
@@ -195,13 +195,13 @@ def main() -> None:
                 log(f"full base backup at {gen['size'] / 1e9:.2f} GB: {full_s:.1f} s (once; nightly, not per release)")
                 dump, point = Runs("dump (take_backup, verified)"), Runs("restore point (archived)")
                 for i in range(args.runs):
-                    t0 = time.monotonic()
+                    load, t0 = os.getloadavg()[0], time.monotonic()
                     m = backups.take_backup(pg, store, src, trigger="pre-release", environment="bench", log=lambda _m: None)
-                    dump.add(time.monotonic() - t0)
+                    dump.add(time.monotonic() - t0, load)
                     store.delete_backup(m["scope"], m["id"])
-                    t0 = time.monotonic()
+                    load, t0 = os.getloadavg()[0], time.monotonic()
                     archiving.create_safety_point(server.url, f"bench-{gb}-{i}", log=lambda _m: None)
-                    point.add(time.monotonic() - t0)
+                    point.add(time.monotonic() - t0, load)
                 results.append((gb, gen["size"], dump, point, full_s))
             log(f"RPO under {args.rate:.0f} rows/s for {args.rpo_seconds:.0f} s, archive_timeout {args.archive_timeout} s")
             rp = rpo(server.url, tool, args.rpo_seconds, args.rate)
