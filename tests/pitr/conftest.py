@@ -20,8 +20,20 @@ from tests import pg15
 pytestmark = pytest.mark.xdist_group("pg15")
 
 
+_MADE: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_folders():
+    """Every folder a test made with _folder is removed after it."""
+    yield
+    while _MADE:
+        shutil.rmtree(_MADE.pop(), ignore_errors=True)
+
+
 def _folder(prefix: str) -> str:
     path = tempfile.mkdtemp(prefix=prefix)
+    _MADE.append(path)
     os.chmod(path, 0o755)
     if os.geteuid() == 0:
         user = pwd.getpwnam("opspg")
