@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
@@ -44,6 +45,7 @@ class Archive:
     tool: PgBackRest
     live: Server
     admin_url: str
+    live_down: bool = False  # the server did not answer: its facts are the ones recorded by the last run
 
 
 def _secret(ref: str, field: str, redactor: Redactor) -> str:
@@ -54,17 +56,32 @@ def _secret(ref: str, field: str, redactor: Redactor) -> str:
     return value
 
 
-def open_archive(spec: ReleaseSpec, url: str, redactor: Redactor, store: BackupStore, log: LogFn) -> Archive:
+def open_archive(spec: ReleaseSpec, url: str, redactor: Redactor, store: BackupStore, log: LogFn, *,
+                 server_may_be_down: bool = False) -> Archive:
     """The environment's stanza, ready: configuration written, archive_command set, stanza created and checked.
-    Fails (nothing backed up) when the server cannot archive yet: not on this host, or a restart is needed."""
+    Fails (nothing backed up) when the server cannot archive yet: not on this host, or a restart is needed.
+    `server_may_be_down` (a restore): a server that does not answer is described by the facts the last run recorded
+    (data folder, port, socket folder, OS user), and nothing is set on it."""
     cfg = spec.app.database.archive
     admin_url = _secret(cfg.admin_url_from, "admin_url_from", redactor) if cfg.admin_url_from else url
     key = _secret(cfg.cipher_key_from, "cipher_key_from", redactor) if cfg.cipher_key_from else ""
+    config_dir = paths.state_dir() / "pgbackrest" / spec.environment
     try:
-        live = archiving.discover_server(admin_url)
-        tool = PgBackRest(spec.environment, live, repository(cfg, store, key, redactor),
-                          paths.state_dir() / "pgbackrest" / spec.environment, log=log, redactor=redactor)
+        try:
+            live = archiving.discover_server(admin_url)
+        except BackupError as exc:
+            recorded = archiving.recorded_server(config_dir, admin_url) if server_may_be_down else None
+            if recorded is None:
+                raise
+            log(f"the server does not answer ({exc}); using what the last run recorded of it: {recorded.data_dir}")
+            tool = PgBackRest(spec.environment, recorded, repository(cfg, store, key, redactor), config_dir, log=log,
+                              redactor=redactor)
+            tool.write_config()
+            return Archive(tool, recorded, admin_url, live_down=True)
+        tool = PgBackRest(spec.environment, live, repository(cfg, store, key, redactor), config_dir, log=log,
+                          redactor=redactor)
         tool.write_config()
+        archiving.record_server(config_dir, live)
         if not archiving.enable_archiving(admin_url, tool, archive_timeout_s=cfg.archive_timeout_s, log=log):
             raise failure(f"archiving of '{spec.environment}' is configured but the server must be restarted for "
                           "archive_mode/wal_level to take effect (this pipeline never restarts a live server); nothing "
@@ -108,7 +125,8 @@ def safety_point(archive: Archive, spec: ReleaseSpec, log: LogFn) -> dict:
         if not archive.tool.info().get("backup"):
             log("no base backup yet: taking the first full backup (once), a restore point needs one")
             archive.tool.backup("full")
-        name = f"release-{spec.version}-{datetime.now(UTC):%Y%m%dT%H%M%S}"[:63]
+        suffix = f"-{datetime.now(UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:4]}"  # unique: recovery stops at the first
+        name = f"release-{spec.version}"[:63 - len(suffix)] + suffix
         point = archiving.create_safety_point(archive.admin_url, name, log=log)
     except BackupError as exc:
         # not retried: an archive that does not take WAL (repository full, wrong key, archive_command failing) does
@@ -261,7 +279,7 @@ def restore_point_in_time(context: dg.OpExecutionContext, config: PitrConfig, sp
     except BackupError as exc:
         raise failure(f"{exc}; nothing was touched") from None
     log = context.log.info
-    archive = open_archive(spec, url, redactor, store, log)
+    archive = open_archive(spec, url, redactor, store, log, server_may_be_down=True)
     if config.switch_over and config.confirm_data_dir.rstrip("/") != archive.live.data_dir.rstrip("/"):
         raise failure(f"switch_over requires confirm_data_dir: {archive.live.data_dir!r} (got {config.confirm_data_dir!r}); "
                       "nothing was touched")
@@ -282,7 +300,8 @@ def restore_point_in_time(context: dg.OpExecutionContext, config: PitrConfig, sp
                             "then are NOT in the restored copy")
     if config.switch_over:
         try:
-            result.update(pitr.switch_over(archive.tool, archive.live, archive.admin_url, restored, log=log))
+            result.update(pitr.switch_over(archive.tool, archive.live, archive.admin_url, restored, log=log,
+                                           live_answers=not archive.live_down))
         except BackupError as exc:
             raise failure(f"switch-over failed: {redactor(str(exc))}") from None
         result.update({"switched": True, "restored_data_dir": archive.live.data_dir})

@@ -8,11 +8,13 @@ this way and keeps pg_dump backups (`app.database.backups: dump`).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -47,6 +49,26 @@ def discover_server(admin_url: str) -> Server:
         raise BackupError("the server listens on no Unix socket folder (unix_socket_directories), which pgBackRest uses")
     return Server(data_dir=data_dir, port=port, socket_dir=socket_dir, os_user=pwd.getpwuid(os.stat(data_dir).st_uid).pw_name,
                   db_user=info.user, db_password=info.password or "")
+
+
+def record_server(config_dir: Path, server: Server) -> None:
+    """What a restore needs of the server when it no longer answers (no password: that comes from its URL)."""
+    facts = {"data_dir": server.data_dir, "port": server.port, "socket_dir": server.socket_dir,
+             "os_user": server.os_user, "recorded_at": time.time()}
+    path = config_dir / "server.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(facts))
+    os.replace(tmp, path)
+
+
+def recorded_server(config_dir: Path, admin_url: str) -> Server | None:
+    try:
+        facts = json.loads((config_dir / "server.json").read_text())
+    except (OSError, ValueError):
+        return None
+    info = ConnInfo.parse(admin_url)
+    return Server(data_dir=facts["data_dir"], port=facts["port"], socket_dir=facts["socket_dir"],
+                  os_user=facts["os_user"], db_user=info.user, db_password=info.password or "")
 
 
 def enable_archiving(admin_url: str, tool: PgBackRest, *, archive_timeout_s: int, log: LogFn) -> bool:

@@ -130,6 +130,11 @@ class RestoredServer:
     def running(self) -> bool:
         return Path(self.data_dir, "postmaster.pid").exists()
 
+    def status(self) -> bool:
+        """`pg_ctl status`: a postmaster runs on this data folder (a stale pid file of a killed one does not count)."""
+        argv = [*as_user(self.os_user), f"{self.bindir}/pg_ctl", "-D", self.data_dir, "status"]
+        return run(Command(argv=argv, timeout_s=30, label="pg_ctl status"), check=False).returncode == 0
+
     def stop(self) -> None:
         if self.running():
             self.pg_ctl("-m", "fast", "stop")
@@ -249,21 +254,28 @@ def _wait_promoted(restored: RestoredServer, timeout_s: float, gaps: list[str]) 
         time.sleep(0.2)
 
 
-def switch_over(tool: PgBackRest, live: Server, live_admin_url: str, restored: RestoredServer, *, log: LogFn) -> dict:
-    """Make the restored folder the live one (see the module docstring). Returns what was done and kept."""
+def switch_over(tool: PgBackRest, live: Server, live_admin_url: str, restored: RestoredServer, *, log: LogFn,
+                live_answers: bool = True) -> dict:
+    """Make the restored folder the live one (see the module docstring). Returns what was done and kept. A live
+    server that is down (crashed) is not stopped and gets no restore point: its folder is kept aside as it is."""
     stamp = time.strftime("%Y%m%d%H%M%S")
-    safety = archiving.create_safety_point(live_admin_url, f"before-switch-{stamp}", log=log)
-    _push_new_timeline(tool, restored, log)
-    restored.stop()
     bindir, options = postmaster_options(live.data_dir)
     aside = f"{live.data_dir.rstrip('/')}_before_pitr_{stamp}"
     live_ctl = RestoredServer(live.data_dir, live.port, live.socket_dir, live.os_user, bindir,
                               f"{live.data_dir.rstrip('/')}_switch_{stamp}.log", live_admin_url, log=log)
+    running = live_ctl.status()
+    if running and not live_answers:
+        raise BackupError(f"the live server in {live.data_dir} runs but does not answer this pipeline's connection: "
+                          "nothing was switched")
+    safety = archiving.create_safety_point(live_admin_url, f"before-switch-{stamp}", log=log) if running else None
+    _push_new_timeline(tool, restored, log)
+    restored.stop()
     Path(live_ctl.log_file).touch()
     owner = pwd.getpwnam(live.os_user)
     if os.geteuid() == 0:
         os.chown(live_ctl.log_file, owner.pw_uid, owner.pw_gid)
-    live_ctl.pg_ctl("-m", "fast", "stop")
+    if running:
+        live_ctl.pg_ctl("-m", "fast", "stop")
     os.rename(live.data_dir, aside)
     os.rename(restored.data_dir, live.data_dir)
     try:
@@ -271,12 +283,14 @@ def switch_over(tool: PgBackRest, live: Server, live_admin_url: str, restored: R
     except BackupError:  # put the previous server back as it was
         os.rename(live.data_dir, restored.data_dir)
         os.rename(aside, live.data_dir)
-        live_ctl.pg_ctl("-o", shlex.join(options), "start")
+        if running:
+            live_ctl.pg_ctl("-o", shlex.join(options), "start")
         raise
     shutil.rmtree(restored.socket_dir, ignore_errors=True)
     tool.check()
     log(f"switched: the restored copy serves from {live.data_dir}; the previous data folder is kept as {aside}")
-    return {"safety_restore_point": safety.as_dict(), "previous_data_dir": aside}
+    return {"safety_restore_point": safety.as_dict() if safety else "none: the live server was down",
+            "previous_data_dir": aside}
 
 
 def _push_new_timeline(tool: PgBackRest, restored: RestoredServer, log: LogFn) -> None:

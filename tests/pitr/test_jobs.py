@@ -7,6 +7,7 @@ point and switches over only when confirmed."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 import dagster as dg
@@ -133,3 +134,41 @@ def test_release_restore_point_then_point_in_time_restore_and_confirmed_switch_o
 def _tool(spec, url, store):
     return archive_ops.open_archive(spec, url, __import__("ops_pipeline.platform.redaction", fromlist=["x"]).Redactor(),
                                     store, print).tool
+
+
+def test_after_a_crash_the_job_restores_to_the_latest_wal_and_switches_the_dead_server_over(instance, monkeypatch):
+    with archiving_server(full_backup=False, archive_timeout_s=1) as a:
+        shop = ConnInfo.parse(a.url).url("shop")
+        with psycopg.connect(a.url, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE shop")
+        with psycopg.connect(shop, autocommit=True) as conn:
+            conn.execute("CREATE TABLE orders (id bigserial PRIMARY KEY, note text NOT NULL)")
+            conn.execute("INSERT INTO orders (note) SELECT md5(i::text) FROM generate_series(1, 2000) i")
+        monkeypatch.setenv("DATABASE_URL", shop)
+        cfg = ReleaseConfig(environment="crash", version="v1", embedded_services=False,
+                            app={"redis": {"enabled": False}, "required_env": [], "secret_env": [], "jwt_secret_env": "",
+                                 "node_env_var": "", "database": {"backups": "archive",
+                                                                  "archive": {"repo_dir": _folder("ops-pitr-jobrepo-")}}})
+        spec = ReleaseSpec(config=cfg, version="v1", app_dir="")
+        instance.report_runless_asset_event(history.materialization("crash", history.RELEASED, "v1", spec=spec.to_json()))
+        store = BackupStore(local_dir=_folder("ops-pitr-store-"))
+        defs = make_defs(backup_store=store, postgres=PostgresResource(bin_dir=str(a.bindir)))
+        target = {"environment": "crash", "embedded_services": False}
+        assert defs.get_job_def("backup").execute_in_process(
+            run_config={"ops": {"backup_target": {"config": target}}}, instance=instance).success
+        with psycopg.connect(shop, autocommit=True) as conn:
+            conn.execute("INSERT INTO orders (note) SELECT 'after the backup' FROM generate_series(1, 500)")
+        archiving.create_safety_point(a.url, "all-archived", log=print)  # everything so far is in the repository
+        subprocess.run(["runuser", "-u", "opspg", "--", f"{a.bindir}/pg_ctl", "-D", str(a.server.data), "-m", "immediate",
+                        "stop"] if os.geteuid() == 0 else [f"{a.bindir}/pg_ctl", "-D", str(a.server.data), "-m",
+                                                             "immediate", "stop"], check=True, capture_output=True)
+
+        r = defs.get_job_def("restore_point_in_time").execute_in_process(run_config={"ops": {"restore_point_in_time": {
+            "config": {**target, "target": "latest", "switch_over": True, "confirm_data_dir": str(a.server.data)}}}},
+            instance=instance)
+        out = r.output_for_node("restore_point_in_time")
+        assert out["switched"] and out["safety_restore_point"].startswith("none: the live server was down")
+        assert out["row_counts"] == {"public.orders": 2500}
+        with psycopg.connect(shop) as conn:  # the server serves again, from the restored folder
+            assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 2500
+        assert os.path.isdir(out["previous_data_dir"])  # the crashed folder, kept as it was
