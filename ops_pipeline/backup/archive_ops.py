@@ -269,7 +269,7 @@ class PitrConfig(dg.Config):
 
 def restore_point_in_time(context: dg.OpExecutionContext, config: PitrConfig, spec: ReleaseSpec, url: str,
                           redactor: Redactor, store: BackupStore) -> dict:
-    """The body of the `restore_point_in_time` op (ops.py): restore, verify, switch over when confirmed."""
+    """The body of the `restore_point_in_time` op (pitr_ops.restore_to_point_in_time): restore, verify, switch over when confirmed."""
     if spec.app.database.backups != "archive":
         raise failure(f"environment '{spec.environment}' uses app.database.backups: {spec.app.database.backups}; "
                       "restore its dumps with the restore_database job")

@@ -12,7 +12,7 @@ from ops_pipeline.backup.ops import (
     prune_backups,
     restore_into_new_database,
 )
-from ops_pipeline.backup.pitr_ops import restore_point_in_time
+from ops_pipeline.backup.pitr_ops import restore_to_point_in_time
 
 
 @dg.job(
@@ -61,4 +61,4 @@ def restore_database_job():
     tags={"ops/kind": "restore"},
 )
 def restore_point_in_time_job():
-    restore_point_in_time()
+    restore_to_point_in_time()

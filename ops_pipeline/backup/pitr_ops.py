@@ -1,4 +1,4 @@
-"""The `restore_point_in_time` op: the environment's settings as the other backup ops resolve them, then
+"""The `restore_to_point_in_time` op (of the restore_point_in_time job): the environment's settings as the other backup ops resolve them, then
 archive_ops.restore_point_in_time."""
 
 import dagster as dg
@@ -18,7 +18,7 @@ from ops_pipeline.platform.local_stack import LocalStack
     ),
     tags={"stage": "restore"},
 )
-def restore_point_in_time(context: dg.OpExecutionContext, config: archive_ops.PitrConfig, backup_store: BackupStore,
+def restore_to_point_in_time(context: dg.OpExecutionContext, config: archive_ops.PitrConfig, backup_store: BackupStore,
                           local_stack: LocalStack) -> dict:
     spec = target_spec(BackupTargetConfig(environment=config.environment, production=config.production,
                                           embedded_services=config.embedded_services,

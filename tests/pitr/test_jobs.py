@@ -112,15 +112,15 @@ def test_release_restore_point_then_point_in_time_restore_and_confirmed_switch_o
         restore = defs.get_job_def("restore_point_in_time")
         cfg_pitr = {"environment": "arch", "embedded_services": False, "target": "name", "target_value": point["id"]}
         # 4. switch_over without the typed data folder: refused before anything is restored
-        r = restore.execute_in_process(run_config={"ops": {"restore_point_in_time": {"config": {
+        r = restore.execute_in_process(run_config={"ops": {"restore_to_point_in_time": {"config": {
             **cfg_pitr, "switch_over": True, "confirm_data_dir": "/somewhere/else"}}}}, instance=instance,
             raise_on_error=False)
         assert not r.success and "confirm_data_dir" in r.get_step_failure_events()[0].step_failure_data.error.message
         assert set(os.listdir(parent)) == before
         # 5. confirmed: restored to the release's point (before the base backup of step 3), verified, switched over
-        r = restore.execute_in_process(run_config={"ops": {"restore_point_in_time": {"config": {
+        r = restore.execute_in_process(run_config={"ops": {"restore_to_point_in_time": {"config": {
             **cfg_pitr, "switch_over": True, "confirm_data_dir": str(a.server.data)}}}}, instance=instance)
-        out = r.output_for_node("restore_point_in_time")
+        out = r.output_for_node("restore_to_point_in_time")
         assert out["switched"] and out["amcheck"] == "ok" and out["row_counts"] == {"public.orders": 3000}
         assert _columns(shop) == ["id", "note"]  # the live server now serves the moment before the migration
         assert os.path.isdir(out["previous_data_dir"])
@@ -163,10 +163,10 @@ def test_after_a_crash_the_job_restores_to_the_latest_wal_and_switches_the_dead_
                         "stop"] if os.geteuid() == 0 else [f"{a.bindir}/pg_ctl", "-D", str(a.server.data), "-m",
                                                              "immediate", "stop"], check=True, capture_output=True)
 
-        r = defs.get_job_def("restore_point_in_time").execute_in_process(run_config={"ops": {"restore_point_in_time": {
+        r = defs.get_job_def("restore_point_in_time").execute_in_process(run_config={"ops": {"restore_to_point_in_time": {
             "config": {**target, "target": "latest", "switch_over": True, "confirm_data_dir": str(a.server.data)}}}},
             instance=instance)
-        out = r.output_for_node("restore_point_in_time")
+        out = r.output_for_node("restore_to_point_in_time")
         assert out["switched"] and out["safety_restore_point"].startswith("none: the live server was down")
         assert out["row_counts"] == {"public.orders": 2500}
         with psycopg.connect(shop) as conn:  # the server serves again, from the restored folder
