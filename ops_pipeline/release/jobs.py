@@ -17,7 +17,7 @@ from ops_pipeline.release.ops.health import health_gate
 from ops_pipeline.release.ops.migrate import migrate_database
 from ops_pipeline.release.ops.plan import plan_release
 from ops_pipeline.release.ops.preflight import verify_env
-from ops_pipeline.release.ops.rollback import plan_rollback, rollback_deploy, rollback_gate
+from ops_pipeline.release.ops.rollback import plan_rollback, retire_standby, rollback_deploy, rollback_gate
 from ops_pipeline.release.ops.tests import run_tests
 
 RELEASE_TAGS = {"ops/kind": "release", "dagster/max_retries": "0"}
@@ -86,3 +86,15 @@ def plan():
 )
 def approve_release():
     record_approval()
+
+
+@dg.job(
+    name="retire_standby",
+    description=("Stops an environment's warm standby (the previous version's instances kept running out of traffic "
+                 "after a release, target.standby_s) once its window ended; requested by the health watch, one run "
+                 "per standby (run key standby:<environment>:<generation>)."),
+    executor_def=dg.in_process_executor,
+    tags={"ops/kind": "standby", "dagster/max_retries": "0"},
+)
+def retire_standby_job():
+    retire_standby()

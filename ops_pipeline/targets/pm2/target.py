@@ -19,6 +19,14 @@ until it answers healthy on its own port (a broken version never sees a public r
 it in and takes one old instance out; the old instance is stopped only after nginx's previous workers finished their
 requests and no connection to it is left (so an app with no SIGINT handling loses nothing). A new instance that
 never gets healthy is deleted and the old ones keep serving. State is read back from PM2 (`pm2 jlist`).
+
+Warm standby (`target.standby_s` > 0): the old instances a successful rollout retires leave nginx but are not
+stopped; they are the standby for that window, recorded in `<env>/standby.json` (./standby.py) with their measured
+memory. `serving()` is only what is in traffic; `standby()` is the standby. Retirement has one path, `_drain`, and the
+standby is decided there. `switch_to_standby` is the one traffic switch: the standby answers healthy on its own ports
+(the rollout's N-in-a-row check), then one nginx reload routes only to it, `current` moves, and the replaced instances
+drain and stop (at once, or later with `finish_switch`). One standby generation: the next rollout's first retirement
+stops the previous one, and `retire_standby` stops an expired one without a release.
 """
 
 from __future__ import annotations
@@ -42,8 +50,19 @@ from ops_pipeline.platform.local_stack import free_port
 from ops_pipeline.platform.prober import HealthWait, HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
-from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport, rollout_plan
+from ops_pipeline.targets.base import (
+    Artifact,
+    DeployTarget,
+    Instance,
+    LogFn,
+    RolloutError,
+    RolloutReport,
+    Standby,
+    SwitchResult,
+    rollout_plan,
+)
 from ops_pipeline.targets.nginx import HostNginx, NginxError
+from ops_pipeline.targets.pm2.standby import StandbyStore
 from ops_pipeline.targets.procs import established_to
 
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -83,6 +102,8 @@ class Pm2Target(DeployTarget):
         self.instance_dirs = env_dir / "instances"
         self.nginx = HostNginx(env_dir / "nginx", spec.target.host, spec.target.port, cfg.drain_s,
                                f"{spec.app.name} in {spec.environment} (PM2 target)")
+        self.standby_store = StandbyStore(env_dir)
+        self._generation = ""  # deploy id of the rollout in progress (the standby it makes is that generation)
 
     # ---- PM2 CLI ------------------------------------------------------------------------------
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -137,6 +158,17 @@ class Pm2Target(DeployTarget):
 
     # ---- state --------------------------------------------------------------------------------
     def serving(self) -> list[Instance]:
+        """The instances in traffic: every instance of the app in PM2 but the standby and those a switch took out."""
+        state = self.standby_store.read()
+        out = {i.get("name") for i in state.instances + state.retiring}
+        return [i for i in self._instances() if i.name not in out]
+
+    def standby(self) -> Standby | None:
+        state = self.standby_store.read()
+        return state if state.instances or state.retiring else None
+
+    def _instances(self) -> list[Instance]:
+        """Every instance of the app in this environment's PM2, in traffic or not."""
         instances = []
         for p in self._jlist():
             env = p.get("pm2_env", {})
@@ -218,7 +250,7 @@ class Pm2Target(DeployTarget):
             return []
         dirs = sorted((d for d in self.releases.iterdir() if d.is_dir() and not d.name.startswith(".")),
                       key=lambda d: d.stat().st_mtime, reverse=True)
-        protected = set(keep_versions) | {i.version for i in self.serving()}
+        protected = set(keep_versions) | {i.version for i in self._instances()}  # the standby's folder is in use
         cur = self.current_version()
         if cur:
             protected.add(cur)
@@ -240,7 +272,7 @@ class Pm2Target(DeployTarget):
         both stayed forever, 4 files per release/rollback cycle. App files of instances no longer serving are
         removed (PM2 keeps its own copy of a started definition); logs of the serving instances and of the newest
         keep_releases x instances others are kept, for what a removed version printed."""
-        serving = self.serving()
+        serving = self._instances()  # the standby's and retiring instances' files are kept too
         live = {i.deploy_id for i in serving if i.deploy_id}
         if not live:  # nothing serves (or PM2 did not answer): keep everything
             return
@@ -321,12 +353,13 @@ class Pm2Target(DeployTarget):
         return name, port
 
     def _find(self, name: str, deploy_id: str) -> Instance | None:
-        for i in self.serving():
+        for i in self._instances():
             if i.name == name and i.deploy_id == deploy_id:
                 return i
         return None
 
-    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str) -> HealthWait:
+    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str,
+                               deadline_s: float | None = None) -> HealthWait:
         next_state_check = time.monotonic() + 1.5
 
         def stop_reason() -> str:
@@ -344,7 +377,8 @@ class Pm2Target(DeployTarget):
 
         return self.prober.wait_healthy(
             f"http://127.0.0.1:{port}{self.spec.app.health_path}", version=version, successes=2, interval_s=0.1,
-            timeout_s=min(self.spec.gate.request_timeout_s, 2.0), deadline_s=self.spec.target.pm2.listen_timeout_s,
+            timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
+            deadline_s=deadline_s or self.spec.target.pm2.listen_timeout_s,
             version_from=self.spec.app.health_version, stop_reason=stop_reason)
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
@@ -356,8 +390,11 @@ class Pm2Target(DeployTarget):
         return self.redactor("\n".join(text))
 
     def _delete(self, inst: Instance, log: LogFn) -> None:
+        self._delete_id(inst.id, log)
+
+    def _delete_id(self, pm_id: str, log: LogFn) -> None:
         # PM2 sends SIGINT, waits kill_timeout for the app to drain, then SIGKILL.
-        self.pm2("delete", inst.id, log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
+        self.pm2("delete", str(pm_id), log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
 
     @staticmethod
     def _upstream(members: dict[str, int]) -> list[tuple[int, str]]:
@@ -372,8 +409,16 @@ class Pm2Target(DeployTarget):
 
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
                 surge_all: bool = False) -> RolloutReport:
+        with self.standby_store.rollout():  # a sensor's traffic switch never touches a rollout in progress
+            report = self._rollout(artifact, version, app_env, log, surge_all=surge_all)
+            report.standby = self._seal_standby(report, log)
+            return report
+
+    def _rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
+                 surge_all: bool = False) -> RolloutReport:
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
+        self._generation = deploy_id
         old = [i for i in self.serving()]
         previous = self.current_version()
         host, port = self.spec.target.host, self.spec.target.port
@@ -465,20 +510,185 @@ class Pm2Target(DeployTarget):
     def _drain(self, victim: Instance, old_workers: set[int], report: RolloutReport, started: float, log: LogFn,
                what: str) -> None:
         """Out of nginx already: wait until nginx's previous workers finished their requests and no connection to the
-        instance is left (at most drain_s), then stop it."""
-        t0 = time.monotonic()
-        drain_s = self.spec.target.pm2.drain_s
-        drained = self.nginx.wait_gone(old_workers, drain_s)
-        port = victim.extra.get("port")
-        while port and established_to(port) and time.monotonic() - t0 < drain_s:
-            time.sleep(0.05)
-        left = established_to(port) if port else 0
-        waited = time.monotonic() - t0
+        instance is left (at most drain_s), then stop it. The one retirement path of a rollout: with a standby
+        window, an instance of the version being replaced is kept running out of traffic instead (`_keep_standby`)."""
+        if self._keeps_standby(victim, report):
+            self._keep_standby(victim, report, started, log)
+            return
+        waited, left, drained = self._wait_drained(victim.extra.get("port"), old_workers)
         self._delete(victim, log)
         detail = (f"{what}: drained in {waited:.2f} s" if drained and not left
                   else f"{what}: drain cut after {waited:.1f} s ({left} connection(s) left)")
         report.add("removed", victim.name, victim.version, started, detail)
         log(f"removed {victim.name} ({victim.version}): {detail}")
+
+    def _wait_drained(self, port: int | None, old_workers: set[int]) -> tuple[float, int, bool]:
+        """Wait until nginx's previous workers finished and no connection to `port` is left, at most drain_s. Returns
+        (seconds waited, connections left, whether the old workers finished)."""
+        t0 = time.monotonic()
+        drain_s = self.spec.target.pm2.drain_s
+        drained = self.nginx.wait_gone(old_workers, drain_s)
+        while port and established_to(port) and time.monotonic() - t0 < drain_s:
+            time.sleep(0.05)
+        return time.monotonic() - t0, established_to(port) if port else 0, drained
+
+    # ---- warm standby -------------------------------------------------------------------------
+    def _keeps_standby(self, victim: Instance, report: RolloutReport) -> bool:
+        return (self.spec.target.standby_s > 0 and bool(self._generation) and victim.version != report.version
+                and victim.status == "online")
+
+    def _keep_standby(self, victim: Instance, report: RolloutReport, started: float, log: LogFn) -> None:
+        """`victim` (out of nginx already) joins this rollout's standby; the first one replaces the previous standby
+        generation, which is stopped (one standby generation at a time)."""
+        window = self.spec.target.standby_s
+        with self.standby_store.locked() as state:
+            previous = []
+            if state.generation != self._generation:
+                previous = state.instances + state.retiring
+                state.__init__(version=victim.version, generation=self._generation, replaced_by=report.version,
+                               made_at=time.time(), window_s=window)
+            state.instances.append({"name": victim.name, "id": victim.id, "port": victim.extra.get("port"),
+                                    "deploy_id": victim.deploy_id, "rss_bytes": 0})
+            state.expires_at = time.time() + window
+        report.add("standby", victim.name, victim.version, started,
+                   f"out of the front proxy, kept running as the warm standby for {window:.0f} s")
+        log(f"{victim.name} ({victim.version}) out of traffic, kept warm as the standby for {window:.0f} s")
+        self._stop_records(previous, log, "previous standby generation replaced")
+
+    def _stop_records(self, records: list[dict], log: LogFn, why: str) -> list[str]:
+        """Stop the instances named in standby records that PM2 still runs (looked up by name: a pm_id is reused after
+        a PM2 daemon restart, a name carries its deploy id)."""
+        names = {r.get("name") for r in records}
+        stopped = []
+        for inst in [i for i in self._instances() if i.name in names] if names else []:
+            self._wait_drained(inst.extra.get("port"), set())  # e.g. taken out of nginx a moment ago
+            self._delete(inst, log)
+            stopped.append(inst.name)
+            log(f"stopped {inst.name} ({inst.version}): {why}")
+        return stopped
+
+    def _seal_standby(self, report: RolloutReport, log: LogFn) -> dict:
+        """After a successful rollout: the standby's memory, measured (PM2's monit of each process, RSS); a previous
+        standby generation that this rollout did not replace (no window, nothing retired) is stopped."""
+        stale: list[dict] = []
+        if self.spec.target.standby_s <= 0 and not self.standby_store.path.exists():
+            return {}
+        rss = {p.get("name"): int((p.get("monit") or {}).get("memory") or 0) for p in self._jlist()}
+        with self.standby_store.locked() as state:
+            if state.generation != self._generation:
+                stale = state.instances + state.retiring
+                state.__init__()
+            else:
+                for rec in state.instances:
+                    rec["rss_bytes"] = rss.get(rec["name"], 0)
+                state.rss_measured_at = time.time()
+            sealed = Standby.from_json(state.to_json())
+        if stale:
+            self._stop_records(stale, log, "previous standby not replaced by this rollout")
+            self.pm2("save", check=False)
+        if sealed.instances:
+            log(f"warm standby: {sealed.summary()}")
+            return sealed.to_json()
+        return {}
+
+    def switch_to_standby(self, version: str, log: LogFn, *, retire: bool = True, by: str = "") -> SwitchResult:
+        t0 = time.monotonic()
+        with self.standby_store.unless_rolling_out() as free:
+            if not free:
+                return SwitchResult(False, version, "a rollout of this environment is in progress: it is never touched",
+                                    seconds=round(time.monotonic() - t0, 3))
+            try:
+                result = self._switch_or_explain(version, log, by, t0)
+            except (RolloutError, CommandError, OSError) as exc:
+                result = SwitchResult(False, version, f"switch failed: {exc}")
+            if result.ok and retire:
+                result.stopped = self.finish_switch(log)
+        result.seconds = round(time.monotonic() - t0, 3)
+        return result
+
+    def _switch_or_explain(self, version: str, log: LogFn, by: str, t0: float) -> SwitchResult:
+        with self.standby_store.locked() as state:
+            if not state.instances and state.switched.get("to_version") == version:  # idempotent
+                return SwitchResult(True, version, f"traffic already on the standby of {version} (switched by "
+                                    f"{state.switched.get('by') or '?'})", already=True,
+                                    retiring=[r["name"] for r in state.retiring])
+            return self._switch_locked(state, version, log, by, t0)
+
+    def _switch_locked(self, state: Standby, version: str, log: LogFn, by: str, t0: float) -> SwitchResult:
+        """The switch itself, under the state lock and the rollout lock: check, one reload, record."""
+
+        def no(detail: str) -> SwitchResult:
+            return SwitchResult(False, version, detail, seconds=round(time.monotonic() - t0, 3))
+
+        if not state.instances:
+            return no(f"no warm standby (target.standby_s is {self.spec.target.standby_s:g})"
+                      if self.spec.target.standby_s <= 0 else "no warm standby (none kept, or already stopped)")
+        if state.version != version:
+            return no(f"the standby is {state.version}, not {version}")
+        if state.expired():
+            return no(f"the standby of {version} expired at {time.strftime('%H:%M:%S', time.gmtime(state.expires_at))}Z")
+        everything = self._instances()
+        by_name = {i.name: i for i in everything}
+        standby = [by_name.get(r["name"]) for r in state.instances]
+        missing = [r["name"] for r, i in zip(state.instances, standby) if i is None or i.status != "online"]
+        if missing:
+            return no(f"standby instance(s) not online in PM2: {', '.join(missing)}")
+        checks: list = []
+        with ThreadPoolExecutor(max_workers=len(standby)) as pool:
+            checks = list(pool.map(lambda i: (i, self._wait_instance_healthy(
+                i.name, i.deploy_id, i.extra["port"], version, deadline_s=min(self.spec.target.pm2.listen_timeout_s, 5.0))),
+                standby))
+        sick = [f"{i.name}: {w.detail()}" for i, w in checks if not w.ok]
+        if sick:
+            return no(f"standby of {version} not healthy on its own port(s): {'; '.join(sick)}")
+        out = {r["name"] for r in state.instances + state.retiring}
+        in_traffic = [i for i in everything if i.name not in out]
+        keep = [i for i in in_traffic if i.version == version and i.status == "online" and i.extra.get("port")]
+        leaving = [i for i in in_traffic if i not in keep]
+        members = {i.name: i.extra["port"] for i in standby + keep}
+        old_workers = self._route(members, log)  # the one nginx reload: from now on only `version` serves
+        self._switch_current(version)
+        state.retiring += [{"name": i.name, "id": i.id, "port": i.extra.get("port"), "deploy_id": i.deploy_id,
+                            "version": i.version} for i in leaving]
+        state.switched = {"at": time.time(), "by": by, "from_version": ",".join(sorted({i.version for i in leaving})),
+                          "to_version": version, "old_workers": sorted(old_workers)}
+        state.instances = []
+        log(f"traffic switched to the warm standby of {version} ({', '.join(members)}) in "
+            f"{time.monotonic() - t0:.2f} s; out of traffic: {', '.join(i.name for i in leaving) or 'nothing'}")
+        return SwitchResult(True, version, f"switched to the standby of {version}", routed=sorted(members),
+                            retiring=[i.name for i in leaving])
+
+    def finish_switch(self, log: LogFn) -> list[str]:
+        state = self.standby_store.read()
+        if not state.retiring:
+            return []
+        by_name = {i.name: i for i in self._instances()}
+        old_workers = set(state.switched.get("old_workers") or [])
+        stopped = []
+        for rec in state.retiring:
+            inst = by_name.get(rec["name"])
+            if inst is not None:
+                waited, left, _ = self._wait_drained(rec.get("port"), old_workers)
+                self._delete(inst, log)
+                stopped.append(inst.name)
+                log(f"removed {inst.name} ({inst.version}) after the switch: drained in {waited:.2f} s"
+                    + (f" ({left} connection(s) left)" if left else ""))
+        with self.standby_store.locked() as now:
+            now.retiring = [r for r in now.retiring if r["name"] not in {x["name"] for x in state.retiring}]
+        self.pm2("save", check=False)
+        return stopped
+
+    def retire_standby(self, log: LogFn, reason: str, *, only_expired: bool = False, generation: str = "") -> list[str]:
+        with self.standby_store.locked() as state:
+            if (generation and state.generation != generation) or (only_expired and not state.expired()):
+                victims = []
+            else:
+                victims, state.instances = state.instances, []
+        stopped = self._stop_records(victims, log, reason) if victims else []
+        stopped += self.finish_switch(log)
+        if victims:
+            self.pm2("save", check=False)
+        return stopped
 
     def _surge_slot(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], report: RolloutReport,
                     started: float, log: LogFn) -> tuple[str, int]:
@@ -517,9 +727,10 @@ class Pm2Target(DeployTarget):
         """Stop this environment's front proxy, PM2 daemon and every instance (tests, teardown, `make down`)."""
         done = ["nginx"] if self.nginx.stop() else []
         if self.home.exists():
-            done += [f"{i.name} ({i.version})" for i in self.serving()]
+            done += [f"{i.name} ({i.version})" for i in self._instances()]
             self.pm2("kill", check=False, timeout_s=60)
             done.append("PM2 daemon")
+        self.standby_store.clear()
         return done
 
 
