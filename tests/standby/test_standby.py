@@ -1,0 +1,68 @@
+"""Warm standby on the PM2 target, against real PM2 processes, the real nginx front proxy and real load
+(bench/loadgen.py): what serves and what waits after a release, the rollback as a traffic switch, expiry, no window."""
+
+from __future__ import annotations
+
+import time
+
+from bench.loadgen import Load
+from ops_pipeline.platform import history
+from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.release.sensors import watch_tick
+from ops_pipeline.targets.resource import DeployTargets
+from tests.standby.conftest import listening, own_health, run_messages, step_metadata
+
+
+def test_release_keeps_the_old_version_warm_out_of_traffic_and_a_rollback_is_a_traffic_switch(node_app, standby_env):
+    env = standby_env
+    env.release(node_app, "v1", standby_s=300)
+    r2 = env.release(node_app, "v2", standby_s=300)
+    target = env.target()
+
+    # what serves: only v2, and only v2 is in nginx's upstream
+    serving = target.serving()
+    assert sorted(i.version for i in serving) == ["v2", "v2"]
+    assert env.upstream_ports() == {i.extra["port"] for i in serving}
+    assert env.public_versions() == {"v2:200"}
+    # the standby: v1's two instances, running in PM2, out of the upstream, healthy on their own ports
+    standby = target.standby()
+    assert standby is not None and standby.version == "v1" and len(standby.instances) == 2
+    standby_names = {r["name"] for r in standby.instances}
+    procs = env.pm2()
+    assert all(procs[n]["pm2_env"]["status"] == "online" for n in standby_names)
+    assert not {r["port"] for r in standby.instances} & env.upstream_ports()
+    assert all(own_health(r["port"]) == (200, "v1") for r in standby.instances)
+    assert standby.expires_at - time.time() > 200
+    # its memory is measured and shown in the deploy's metadata
+    md = step_metadata(r2, "rolling_deploy")
+    assert standby.rss_bytes > 10 * 2**20 and md["standby_rss_mb"] > 10
+    assert md["standby"]["version"] == "v1" and any(s.startswith("standby ") for s in md["order"])
+
+    # a switch asked while a rollout holds the environment is refused and changes nothing
+    with target.standby_store.rollout():
+        refused = target.switch_to_standby("v1", print, retire=False, by="test")
+    assert not refused.ok and "in progress" in refused.detail
+    assert env.upstream_ports() == {i.extra["port"] for i in serving}
+
+    # the rollback inside the window, under load: a switch, no new process, no failed request
+    with Load(env.port, rate=200) as load:
+        time.sleep(1)
+        rb = env.rollback()
+        time.sleep(1)
+    assert rb.success
+    res = load.result
+    assert res.requests > 300 and res.failed == 0, res
+    assert set(res.versions) == {"v1", "v2"}, res.versions
+    after = env.pm2()
+    assert set(after) == standby_names, "the rollback must not start or keep anything else"
+    assert {i.version for i in target.serving()} == {"v1"}
+    assert env.upstream_ports() == {r["port"] for r in standby.instances}
+    assert env.public_versions() == {"v1:200"}
+    assert not any(listening(i.extra["port"]) for i in serving), "v2's ports are free"
+    assert target.current_version() == "v1"
+    md = step_metadata(rb, "rollback_deploy")
+    assert md["new_processes"] == 0 and md["switch"]["ok"] and sorted(md["switch"]["stopped"]) == sorted(
+        i.name for i in serving)
+    latest = history.load(env.instance, env.name).latest()
+    assert latest.event == history.ROLLED_BACK and latest.version == "v1" and latest.get("from_version") == "v2"
+    assert (target.standby() is None) or not target.standby().instances
