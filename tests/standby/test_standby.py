@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import time
 
+import pytest
+
 from bench.loadgen import Load
 from ops_pipeline.platform import history
 from ops_pipeline.platform.prober import HttpProber
 from ops_pipeline.release.sensors import watch_tick
 from ops_pipeline.targets.resource import DeployTargets
 from tests.standby.conftest import listening, own_health, run_messages, step_metadata
+
+# the tests under load run one after the other in one worker (pytest-xdist --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("standby")
 
 
 def test_release_keeps_the_old_version_warm_out_of_traffic_and_a_rollback_is_a_traffic_switch(node_app, standby_env):
@@ -66,3 +71,65 @@ def test_release_keeps_the_old_version_warm_out_of_traffic_and_a_rollback_is_a_t
     latest = history.load(env.instance, env.name).latest()
     assert latest.event == history.ROLLED_BACK and latest.version == "v1" and latest.get("from_version") == "v2"
     assert (target.standby() is None) or not target.standby().instances
+
+
+def test_an_expired_standby_is_stopped_by_the_sweep_and_a_rollback_then_redeploys(node_app, standby_env):
+    env = standby_env
+    env.release(node_app, "v1", standby_s=2)
+    env.release(node_app, "v2", standby_s=2)
+    target = env.target()
+    standby = target.standby()
+    assert standby is not None and standby.version == "v1" and len(standby.instances) == 2
+    names, ports = {r["name"] for r in standby.instances}, {r["port"] for r in standby.instances}
+    v2_names = {i.name for i in target.serving()}
+    while time.time() < standby.expires_at + 0.2:
+        time.sleep(0.2)
+    # out of its window, the standby is not switched to
+    late = target.switch_to_standby("v1", print, retire=False, by="test")
+    assert not late.ok and "expired" in late.detail
+    assert {i.version for i in target.serving()} == {"v2"} and env.public_versions() == {"v2:200"}
+
+    # the health watch asks for one retire_standby run for it (nothing is unhealthy)
+    targets = DeployTargets.with_defaults()
+    _, requests, outcomes = watch_tick(env.instance, {}, HttpProber(), probes=1, targets=targets)
+    assert [r.job_name for r in requests] == ["retire_standby"], outcomes
+    req = requests[0]
+    assert req.run_key == f"standby:{env.name}:{standby.generation}"
+    retired = env.defs.get_job_def("retire_standby").execute_in_process(run_config=req.run_config,
+                                                                        instance=env.instance, tags=req.tags)
+    assert retired.success
+    assert not names & set(env.pm2()), "the standby's PM2 entries are gone"
+    assert not any(listening(p) for p in ports), "the standby's ports are free"
+    assert set(env.pm2()) == v2_names
+    _, requests, _ = watch_tick(env.instance, {}, HttpProber(), probes=1, targets=targets)
+    assert requests == []
+
+    # a rollback now redeploys v1 as before, and says why
+    rb = env.rollback()
+    assert rb.success
+    messages = "\n".join(run_messages(env.instance, rb.run_id))
+    assert "no traffic switch to a standby of v1" in messages, messages[-3000:]
+    after = env.pm2()
+    assert sorted(p["pm2_env"]["APP_VERSION"] for p in after.values()) == ["v1", "v1"]
+    assert not set(after) & (names | v2_names), "new v1 instances, and v2 not kept as a standby"
+    assert env.public_versions() == {"v1:200"}
+    assert target.standby() is None or not target.standby().instances
+
+
+def test_without_a_window_nothing_waits_and_a_rollback_redeploys(node_app, standby_env):
+    env = standby_env
+    env.release(node_app, "v1", standby_s=0)
+    env.release(node_app, "v2", standby_s=0)
+    target = env.target()
+    assert target.standby() is None
+    procs = env.pm2()
+    assert sorted(p["pm2_env"]["APP_VERSION"] for p in procs.values()) == ["v2", "v2"]
+    assert env.upstream_ports() == {i.extra["port"] for i in target.serving()}
+    assert not (env.state_dir / "envs" / env.name / "standby.json").exists()
+    rb = env.rollback()
+    assert rb.success
+    messages = "\n".join(run_messages(env.instance, rb.run_id))
+    assert "no warm standby (target.standby_s is 0)" in messages
+    after = env.pm2()
+    assert sorted(p["pm2_env"]["APP_VERSION"] for p in after.values()) == ["v1", "v1"] and not set(after) & set(procs)
+    assert target.standby() is None
