@@ -29,7 +29,7 @@ class StandbyEnv:
 
     def release(self, app: Path, version: str, standby_s: float, **kw):
         cfg = release_run_config(app, self.name, version=version, port=self.port, fast=True,
-                                 target={"standby_s": standby_s}, **kw)
+                                 target={"standby_s": standby_s, "pm2": {"listen_timeout_s": 60}}, **kw)
         result = self.defs.get_job_def("release").execute_in_process(run_config=cfg, instance=self.instance,
                                                                       raise_on_error=False)
         assert result.success, [e.step_failure_data.error.message for e in result.all_events if e.is_step_failure]

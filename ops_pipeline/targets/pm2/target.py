@@ -647,6 +647,7 @@ class Pm2Target(DeployTarget):
         leaving = [i for i in in_traffic if i not in keep]
         members = {i.name: i.extra["port"] for i in standby + keep}
         old_workers = self._route(members, log)  # the one nginx reload: from now on only `version` serves
+        self._wait_not_accepting(old_workers)
         self._switch_current(version)
         state.retiring += [{"name": i.name, "id": i.id, "port": i.extra.get("port"), "deploy_id": i.deploy_id,
                             "version": i.version} for i in leaving]
@@ -657,6 +658,18 @@ class Pm2Target(DeployTarget):
             f"{time.monotonic() - t0:.2f} s; out of traffic: {', '.join(i.name for i in leaving) or 'nothing'}")
         return SwitchResult(True, version, f"switched to the standby of {version}", routed=sorted(members),
                             retiring=[i.name for i in leaving])
+
+    def _wait_not_accepting(self, old_workers: set[int], timeout_s: float = 3.0) -> None:
+        """nginx answers a reload once its new workers run; each old worker closes its listening sockets when it
+        handles the master's QUIT, a moment later, and retitles itself "shutting down" as it does. Until then it may
+        still accept a new connection (and route it to the old upstream): wait for that, so a switch is complete when
+        it returns."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            workers = self.nginx.workers()
+            if all(pid not in workers or "shutting down" in workers[pid] for pid in old_workers):
+                return
+            time.sleep(0.005)
 
     def finish_switch(self, log: LogFn) -> list[str]:
         state = self.standby_store.read()
