@@ -17,7 +17,7 @@ from ops_pipeline.release.ops.health import health_gate
 from ops_pipeline.release.ops.migrate import migrate_database
 from ops_pipeline.release.ops.plan import plan_release
 from ops_pipeline.release.ops.preflight import verify_env
-from ops_pipeline.release.ops.rollback import plan_rollback, retire_standby, rollback_deploy, rollback_gate
+from ops_pipeline.release.ops.rollback import plan_rollback, rollback_deploy, rollback_gate, stop_standby
 from ops_pipeline.release.ops.tests import run_tests
 
 RELEASE_TAGS = {"ops/kind": "release", "dagster/max_retries": "0"}
@@ -97,4 +97,4 @@ def approve_release():
     tags={"ops/kind": "standby", "dagster/max_retries": "0"},
 )
 def retire_standby_job():
-    retire_standby()
+    stop_standby()

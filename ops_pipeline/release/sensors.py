@@ -233,7 +233,8 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
                                                         timeout_s=timeout_s, deadline=deadline, targets=targets)
             extra = warm.expiry_for(env, hist, targets) if targets is not None and request is None else None
             if extra is not None:
-                note += f"; warm standby of {extra.tags['ops/standby_version']} expired: retire_standby requested"
+                note += (f"; retire_standby requested (warm standby of {extra.tags['ops/standby_version']}: "
+                         f"{extra.tags['ops/standby_reason']})")
             if request is not None:
                 kind = "requested"
             elif not state:

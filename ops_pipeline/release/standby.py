@@ -34,6 +34,9 @@ from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.targets.resource import DeployTargets
 
 
+LEFT_BEHIND_S = 300  # a switch's replaced instances still running after this long: the rollback run did not stop them
+
+
 def targets_from_settings() -> DeployTargets:
     """The deploy targets as the code location's resources configure them (for a sensor without resources)."""
     from ops_pipeline.targets.pm2.target import Pm2Resource
@@ -84,15 +87,20 @@ def switch_for_failed_release(instance: dg.DagsterInstance, environment: str, ba
 def expiry_request(environment: str, spec: ReleaseSpec, targets: DeployTargets) -> dg.RunRequest | None:
     """A retire_standby run for the environment's standby once its window ended (one per standby generation)."""
     standby = targets.for_spec(spec).standby()
-    if standby is None or not standby.instances or not standby.expired():
+    if standby is None:
+        return None
+    # instances a switch took out of traffic are stopped by the rollback run; if it never did (it died), here
+    left_behind = bool(standby.retiring) and time.time() - standby.switched.get("at", time.time()) > LEFT_BEHIND_S
+    if not left_behind and not standby.expired():
         return None
     expired = time.strftime("%H:%M:%S", time.gmtime(standby.expires_at))
     return dg.RunRequest(
         job_name="retire_standby",
-        run_key=f"standby:{environment}:{standby.generation}",
-        run_config={"ops": {"retire_standby": {"config": {"environment": environment,
+        run_key=f"standby:{environment}:{standby.generation}" + (":left-behind" if left_behind else ""),
+        run_config={"ops": {"stop_standby": {"config": {"environment": environment,
                                                           "generation": standby.generation}}}},
         tags={"ops/environment": environment, "ops/trigger": "health_watch", "ops/standby_version": standby.version,
+              "ops/standby_reason": "switched-out instances left running" if left_behind else "window ended",
               "ops/standby_expired_at": f"{expired}Z"},
     )
 

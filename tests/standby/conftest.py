@@ -50,7 +50,7 @@ class StandbyEnv:
         """{name: process} of every process in the environment's PM2, straight from `pm2 jlist`."""
         home = self.state_dir / "envs" / self.name / "pm2"
         out = subprocess.run([str(ROOT / "tools/node_modules/.bin/pm2"), "jlist"], capture_output=True, text=True,
-                             env={**os.environ, "PM2_HOME": str(home)}, timeout=60).stdout
+                             env={**os.environ, "PM2_HOME": str(home)}, timeout=60, check=False).stdout
         procs = json.loads(out[out.find("["):]) if "[" in out else []
         return {p["name"]: p for p in procs}
 

@@ -250,7 +250,7 @@ class RetireStandbyConfig(dg.Config):
                 "yet, is left alone.",
     tags={"stage": "rollback"},
 )
-def retire_standby(context: dg.OpExecutionContext, config: RetireStandbyConfig, deploy_targets: DeployTargets) -> list:
+def stop_standby(context: dg.OpExecutionContext, config: RetireStandbyConfig, deploy_targets: DeployTargets) -> list:
     if not ENV_NAME.match(config.environment or ""):
         raise failure(f"environment: {config.environment!r} is not a valid environment name")
     hist = history.load(context.instance, config.environment)

@@ -164,6 +164,8 @@ class Pm2Target(DeployTarget):
         return [i for i in self._instances() if i.name not in out]
 
     def standby(self) -> Standby | None:
+        if not self.daemon_alive():  # its processes died with the PM2 daemon (`make down`, a reboot)
+            return None
         state = self.standby_store.read()
         return state if state.instances or state.retiring else None
 
