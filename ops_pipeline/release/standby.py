@@ -33,7 +33,6 @@ from ops_pipeline.platform.settings import settings
 from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.targets.resource import DeployTargets
 
-
 LEFT_BEHIND_S = 300  # a switch's replaced instances still running after this long: the rollback run did not stop them
 
 
