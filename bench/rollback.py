@@ -15,7 +15,7 @@ run finished. Two modes, interleaved in the same run:
 * redeploy: `target.standby_s` 0, today's way: the rollback run redeploys v1 (new processes).
 
 Targets: standby <= 8 s at 200 req/s, redeploy <= 15 s; 0 failed requests. Best and worst of `--runs` per mode,
-their ratio, and the load average are printed.
+their ratio, and the load average are printed; it exits 0 either way (a benchmark reports, it does not assert).
 """
 
 from __future__ import annotations
@@ -231,7 +231,8 @@ def main() -> int:
         print(f"  redeploy / standby: {best['redeploy'] / best['standby']:.1f}x faster (best), "
               f"{worst['redeploy'] / worst['standby']:.1f}x (worst)")
     print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    return 0 if ok else 1
+    print("all targets met" if ok else "not every target met (see above)")
+    return 0  # a benchmark reports, it does not assert (bench/README.md)
 
 
 if __name__ == "__main__":

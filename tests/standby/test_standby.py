@@ -10,6 +10,7 @@ import pytest
 from bench.loadgen import Load
 from ops_pipeline.platform import history
 from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.release import status
 from ops_pipeline.release.sensors import watch_tick
 from ops_pipeline.targets.resource import DeployTargets
 from tests.standby.conftest import listening, own_health, run_messages, step_metadata
@@ -42,6 +43,8 @@ def test_release_keeps_the_old_version_warm_out_of_traffic_and_a_rollback_is_a_t
     md = step_metadata(r2, "rolling_deploy")
     assert standby.rss_bytes > 10 * 2**20 and md["standby_rss_mb"] > 10
     assert md["standby"]["version"] == "v1" and any(s.startswith("standby ") for s in md["order"])
+    code, text = status.report(env.name, env.instance)
+    assert code == 0 and "standby:     v1 x2 out of traffic" in text and "MB RSS, expires in" in text, text
 
     # a switch asked while a rollout holds the environment is refused and changes nothing
     with target.standby_store.rollout():
@@ -133,3 +136,14 @@ def test_without_a_window_nothing_waits_and_a_rollback_redeploys(node_app, stand
     after = env.pm2()
     assert sorted(p["pm2_env"]["APP_VERSION"] for p in after.values()) == ["v1", "v1"] and not set(after) & set(procs)
     assert target.standby() is None
+
+
+def test_the_code_location_loads_with_the_retire_standby_job():
+    """What the webserver and the daemon load (a job and an op of one name would break it; execute_in_process does
+    not check that)."""
+    from ops_pipeline.definitions import defs
+
+    repo = defs.get_repository_def()
+    repo.load_all_definitions()
+    assert "retire_standby" in repo.job_names
+    assert {j.name for j in repo.get_sensor_def("health_watch").jobs} == {"rollback", "retire_standby"}
