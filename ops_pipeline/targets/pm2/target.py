@@ -1,7 +1,8 @@
 """PM2 target: one PM2 process per instance on this host, each on its own port, behind an nginx front proxy.
 
 (Over 400 lines: the PM2 CLI, release folders, the rollout with its drain and its recovery are one system's
-behaviour; the front proxy and the process helpers are in ../nginx.py and ../procs.py.)
+behaviour; the front proxy and the process helpers are in ../nginx.py and ../procs.py, the warm standby in
+./standby.py.)
 
 Layout per environment (`<state>/envs/<env>/` by default):
 
@@ -21,8 +22,8 @@ requests and no connection to it is left (so an app with no SIGINT handling lose
 never gets healthy is deleted and the old ones keep serving. State is read back from PM2 (`pm2 jlist`).
 
 Warm standby (`target.standby_s` > 0): the old instances a successful rollout retires leave nginx but are not
-stopped; they are the standby for that window, recorded in `<env>/standby.json` (./standby.py) with their measured
-memory. `serving()` is only what is in traffic; `standby()` is the standby. Retirement has one path, `_drain`, and the
+stopped; they are the standby for that window, recorded in `<env>/standby.json` with their measured memory
+(./standby.py: the state file and the standby's methods, mixed into this class). `serving()` is only what is in traffic; `standby()` is the standby. Retirement has one path, `_drain`, and the
 standby is decided there. `switch_to_standby` is the one traffic switch: the standby answers healthy on its own ports
 (the rollout's N-in-a-row check), then one nginx reload routes only to it, `current` moves, and the replaced instances
 drain and stop (at once, or later with `finish_switch`). One standby generation: the next rollout's first retirement
@@ -50,19 +51,9 @@ from ops_pipeline.platform.local_stack import free_port
 from ops_pipeline.platform.prober import HealthWait, HttpProber
 from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
-from ops_pipeline.targets.base import (
-    Artifact,
-    DeployTarget,
-    Instance,
-    LogFn,
-    RolloutError,
-    RolloutReport,
-    Standby,
-    SwitchResult,
-    rollout_plan,
-)
+from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport, rollout_plan
 from ops_pipeline.targets.nginx import HostNginx, NginxError
-from ops_pipeline.targets.pm2.standby import StandbyStore
+from ops_pipeline.targets.pm2.standby import Pm2Standby, StandbyStore
 from ops_pipeline.targets.procs import established_to
 
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -82,7 +73,7 @@ class Pm2Resource(dg.ConfigurableResource):
         return found
 
 
-class Pm2Target(DeployTarget):
+class Pm2Target(Pm2Standby, DeployTarget):
     kind = "pm2"
 
     def __init__(self, spec: ReleaseSpec, runtime: Pm2Resource, prober: HttpProber,
@@ -162,12 +153,6 @@ class Pm2Target(DeployTarget):
         state = self.standby_store.read()
         out = {i.get("name") for i in state.instances + state.retiring}
         return [i for i in self._instances() if i.name not in out]
-
-    def standby(self) -> Standby | None:
-        if not self.daemon_alive():  # its processes died with the PM2 daemon (`make down`, a reboot)
-            return None
-        state = self.standby_store.read()
-        return state if state.instances or state.retiring else None
 
     def _instances(self) -> list[Instance]:
         """Every instance of the app in this environment's PM2, in traffic or not."""
@@ -533,177 +518,6 @@ class Pm2Target(DeployTarget):
         while port and established_to(port) and time.monotonic() - t0 < drain_s:
             time.sleep(0.05)
         return time.monotonic() - t0, established_to(port) if port else 0, drained
-
-    # ---- warm standby -------------------------------------------------------------------------
-    def _keeps_standby(self, victim: Instance, report: RolloutReport) -> bool:
-        return (self.spec.target.standby_s > 0 and bool(self._generation) and victim.version != report.version
-                and victim.status == "online")
-
-    def _keep_standby(self, victim: Instance, report: RolloutReport, started: float, log: LogFn) -> None:
-        """`victim` (out of nginx already) joins this rollout's standby; the first one replaces the previous standby
-        generation, which is stopped (one standby generation at a time)."""
-        window = self.spec.target.standby_s
-        with self.standby_store.locked() as state:
-            previous = []
-            if state.generation != self._generation:
-                previous = state.instances + state.retiring
-                state.__init__(version=victim.version, generation=self._generation, replaced_by=report.version,
-                               made_at=time.time(), window_s=window)
-            state.instances.append({"name": victim.name, "id": victim.id, "port": victim.extra.get("port"),
-                                    "deploy_id": victim.deploy_id, "rss_bytes": 0})
-            state.expires_at = time.time() + window
-        report.add("standby", victim.name, victim.version, started,
-                   f"out of the front proxy, kept running as the warm standby for {window:.0f} s")
-        log(f"{victim.name} ({victim.version}) out of traffic, kept warm as the standby for {window:.0f} s")
-        self._stop_records(previous, log, "previous standby generation replaced")
-
-    def _stop_records(self, records: list[dict], log: LogFn, why: str) -> list[str]:
-        """Stop the instances named in standby records that PM2 still runs (looked up by name: a pm_id is reused after
-        a PM2 daemon restart, a name carries its deploy id)."""
-        names = {r.get("name") for r in records}
-        stopped = []
-        for inst in [i for i in self._instances() if i.name in names] if names else []:
-            self._wait_drained(inst.extra.get("port"), set())  # e.g. taken out of nginx a moment ago
-            self._delete(inst, log)
-            stopped.append(inst.name)
-            log(f"stopped {inst.name} ({inst.version}): {why}")
-        return stopped
-
-    def _seal_standby(self, report: RolloutReport, log: LogFn) -> dict:
-        """After a successful rollout: the standby's memory, measured (PM2's monit of each process, RSS); a previous
-        standby generation that this rollout did not replace (no window, nothing retired) is stopped."""
-        stale: list[dict] = []
-        if self.spec.target.standby_s <= 0 and not self.standby_store.path.exists():
-            return {}
-        rss = {p.get("name"): int((p.get("monit") or {}).get("memory") or 0) for p in self._jlist()}
-        with self.standby_store.locked() as state:
-            if state.generation != self._generation:
-                stale = state.instances + state.retiring
-                state.__init__()
-            else:
-                for rec in state.instances:
-                    rec["rss_bytes"] = rss.get(rec["name"], 0)
-                state.rss_measured_at = time.time()
-            sealed = Standby.from_json(state.to_json())
-        if stale:
-            self._stop_records(stale, log, "previous standby not replaced by this rollout")
-            self.pm2("save", check=False)
-        if sealed.instances:
-            log(f"warm standby: {sealed.summary()}")
-            return sealed.to_json()
-        return {}
-
-    def switch_to_standby(self, version: str, log: LogFn, *, retire: bool = True, by: str = "") -> SwitchResult:
-        t0 = time.monotonic()
-        with self.standby_store.unless_rolling_out() as free:
-            if not free:
-                return SwitchResult(False, version, "a rollout of this environment is in progress: it is never touched",
-                                    seconds=round(time.monotonic() - t0, 3))
-            try:
-                result = self._switch_or_explain(version, log, by, t0)
-            except (RolloutError, CommandError, OSError) as exc:
-                result = SwitchResult(False, version, f"switch failed: {exc}")
-            if result.ok and retire:
-                result.stopped = self.finish_switch(log)
-        result.seconds = round(time.monotonic() - t0, 3)
-        return result
-
-    def _switch_or_explain(self, version: str, log: LogFn, by: str, t0: float) -> SwitchResult:
-        with self.standby_store.locked() as state:
-            if not state.instances and state.switched.get("to_version") == version:  # idempotent
-                return SwitchResult(True, version, f"traffic already on the standby of {version} (switched by "
-                                    f"{state.switched.get('by') or '?'})", already=True,
-                                    retiring=[r["name"] for r in state.retiring])
-            return self._switch_locked(state, version, log, by, t0)
-
-    def _switch_locked(self, state: Standby, version: str, log: LogFn, by: str, t0: float) -> SwitchResult:
-        """The switch itself, under the state lock and the rollout lock: check, one reload, record."""
-
-        def no(detail: str) -> SwitchResult:
-            return SwitchResult(False, version, detail, seconds=round(time.monotonic() - t0, 3))
-
-        if not state.instances:
-            return no(f"no warm standby (target.standby_s is {self.spec.target.standby_s:g})"
-                      if self.spec.target.standby_s <= 0 else "no warm standby (none kept, or already stopped)")
-        if state.version != version:
-            return no(f"the standby is {state.version}, not {version}")
-        if state.expired():
-            return no(f"the standby of {version} expired at {time.strftime('%H:%M:%S', time.gmtime(state.expires_at))}Z")
-        everything = self._instances()
-        by_name = {i.name: i for i in everything}
-        standby = [by_name.get(r["name"]) for r in state.instances]
-        missing = [r["name"] for r, i in zip(state.instances, standby) if i is None or i.status != "online"]
-        if missing:
-            return no(f"standby instance(s) not online in PM2: {', '.join(missing)}")
-        checks: list = []
-        with ThreadPoolExecutor(max_workers=len(standby)) as pool:
-            checks = list(pool.map(lambda i: (i, self._wait_instance_healthy(
-                i.name, i.deploy_id, i.extra["port"], version, deadline_s=min(self.spec.target.pm2.listen_timeout_s, 5.0))),
-                standby))
-        sick = [f"{i.name}: {w.detail()}" for i, w in checks if not w.ok]
-        if sick:
-            return no(f"standby of {version} not healthy on its own port(s): {'; '.join(sick)}")
-        out = {r["name"] for r in state.instances + state.retiring}
-        in_traffic = [i for i in everything if i.name not in out]
-        keep = [i for i in in_traffic if i.version == version and i.status == "online" and i.extra.get("port")]
-        leaving = [i for i in in_traffic if i not in keep]
-        members = {i.name: i.extra["port"] for i in standby + keep}
-        old_workers = self._route(members, log)  # the one nginx reload: from now on only `version` serves
-        self._wait_not_accepting(old_workers)
-        self._switch_current(version)
-        state.retiring += [{"name": i.name, "id": i.id, "port": i.extra.get("port"), "deploy_id": i.deploy_id,
-                            "version": i.version} for i in leaving]
-        state.switched = {"at": time.time(), "by": by, "from_version": ",".join(sorted({i.version for i in leaving})),
-                          "to_version": version, "old_workers": sorted(old_workers)}
-        state.instances = []
-        log(f"traffic switched to the warm standby of {version} ({', '.join(members)}) in "
-            f"{time.monotonic() - t0:.2f} s; out of traffic: {', '.join(i.name for i in leaving) or 'nothing'}")
-        return SwitchResult(True, version, f"switched to the standby of {version}", routed=sorted(members),
-                            retiring=[i.name for i in leaving])
-
-    def _wait_not_accepting(self, old_workers: set[int], timeout_s: float = 3.0) -> None:
-        """nginx answers a reload once its new workers run; each old worker closes its listening sockets when it
-        handles the master's QUIT, a moment later, and retitles itself "shutting down" as it does. Until then it may
-        still accept a new connection (and route it to the old upstream): wait for that, so a switch is complete when
-        it returns."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            workers = self.nginx.workers()
-            if all(pid not in workers or "shutting down" in workers[pid] for pid in old_workers):
-                return
-            time.sleep(0.005)
-
-    def finish_switch(self, log: LogFn) -> list[str]:
-        state = self.standby_store.read()
-        if not state.retiring:
-            return []
-        by_name = {i.name: i for i in self._instances()}
-        old_workers = set(state.switched.get("old_workers") or [])
-        stopped = []
-        for rec in state.retiring:
-            inst = by_name.get(rec["name"])
-            if inst is not None:
-                waited, left, _ = self._wait_drained(rec.get("port"), old_workers)
-                self._delete(inst, log)
-                stopped.append(inst.name)
-                log(f"removed {inst.name} ({inst.version}) after the switch: drained in {waited:.2f} s"
-                    + (f" ({left} connection(s) left)" if left else ""))
-        with self.standby_store.locked() as now:
-            now.retiring = [r for r in now.retiring if r["name"] not in {x["name"] for x in state.retiring}]
-        self.pm2("save", check=False)
-        return stopped
-
-    def retire_standby(self, log: LogFn, reason: str, *, only_expired: bool = False, generation: str = "") -> list[str]:
-        with self.standby_store.locked() as state:
-            if (generation and state.generation != generation) or (only_expired and not state.expired()):
-                victims = []
-            else:
-                victims, state.instances = state.instances, []
-        stopped = self._stop_records(victims, log, reason) if victims else []
-        stopped += self.finish_switch(log)
-        if victims:
-            self.pm2("save", check=False)
-        return stopped
 
     def _surge_slot(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], report: RolloutReport,
                     started: float, log: LogFn) -> tuple[str, int]:
