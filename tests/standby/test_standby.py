@@ -44,6 +44,7 @@ def test_release_keeps_the_old_version_warm_out_of_traffic_and_a_rollback_is_a_t
     assert standby.rss_bytes > 10 * 2**20 and md["standby_rss_mb"] > 10
     assert md["standby"]["version"] == "v1" and any(s.startswith("standby ") for s in md["order"])
     code, text = status.report(env.name, env.instance)
+    print(text)
     assert code == 0 and "standby:     v1 x2 out of traffic" in text and "MB RSS, expires in" in text, text
 
     # a switch asked while a rollout holds the environment is refused and changes nothing
