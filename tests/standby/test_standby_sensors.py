@@ -13,6 +13,7 @@ import pytest
 from bench.loadgen import Load
 from ops_pipeline.platform import history
 from ops_pipeline.platform.prober import HttpProber
+from ops_pipeline.release import standby as warm
 from ops_pipeline.release.sensors import rollback_on_release_failure, watch_tick
 from ops_pipeline.targets.resource import DeployTargets
 from tests import app_variants
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.xdist_group("standby")
 
 
 def test_health_watch_switches_to_the_standby_itself_and_the_rollback_run_finishes(node_app, app_variant, standby_env,
-                                                                                    state_dir):
+                                                                                    state_dir, monkeypatch):
     env = standby_env
     break_file = state_dir / f"{env.name}-breaks"
     env.release(node_app, "v1", standby_s=300)
@@ -61,6 +62,12 @@ def test_health_watch_switches_to_the_standby_itself_and_the_rollback_run_finish
     # the switch is idempotent: asked again, nothing changes
     again = target.switch_to_standby("v1", print, retire=False, by="test")
     assert again.ok and again.already and env.upstream_ports() == standby_ports
+    # had the rollback run never stopped v2 (it died), the health watch would ask a retire_standby run to
+    monkeypatch.setattr(warm, "LEFT_BEHIND_S", 0)
+    _, later, _ = watch_tick(env.instance, {}, HttpProber(), probes=1, targets=targets)
+    assert [(r.job_name, r.run_key) for r in later] == [
+        ("retire_standby", f"standby:{env.name}:{standby.generation}:left-behind")]
+    monkeypatch.undo()
 
     # the rollback run the sensor requested finds the traffic switched and finishes the job
     rb = env.rollback(req.run_config, req.tags)
