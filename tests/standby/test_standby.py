@@ -139,12 +139,14 @@ def test_without_a_window_nothing_waits_and_a_rollback_redeploys(node_app, stand
     assert target.standby() is None
 
 
-def test_the_code_location_loads_with_the_retire_standby_job():
-    """What the webserver and the daemon load (a job and an op of one name would break it; execute_in_process does
-    not check that)."""
+def test_the_retire_standby_job_and_its_op_have_names_of_their_own():
+    """A job and an op of one name stop the code location from loading in the webserver and the daemon
+    (execute_in_process does not check it); the health watch requests both of its jobs."""
     from ops_pipeline.definitions import defs
+    from ops_pipeline.release.jobs import retire_standby_job
+    from ops_pipeline.release.sensors import health_watch
 
-    repo = defs.get_repository_def()
-    repo.load_all_definitions()
-    assert "retire_standby" in repo.job_names
-    assert {j.name for j in repo.get_sensor_def("health_watch").jobs} == {"rollback", "retire_standby"}
+    job_names = {j.name for j in defs.jobs}
+    assert "retire_standby" in job_names
+    assert not {n.name for n in retire_standby_job.graph.node_defs} & job_names
+    assert {j.name for j in health_watch.jobs} == {"rollback", "retire_standby"}
