@@ -48,7 +48,9 @@ def release():
 @dg.job(
     description=(
         "Redeploys the last known-good version of an environment (or an explicit target_version) through the same "
-        "target and rolling procedure, then the same health gate. App only: when the bad release applied migrations "
+        "target and rolling procedure, then the same health gate; with a warm standby of that version (PM2, "
+        "target.standby_s) it is a traffic switch to it instead (possibly made already by the sensor that requested "
+        "the run), and nothing is started. App only: when the bad release applied migrations "
         "the run points at the pre-migration backup and the restore_database job, and never restores by itself."
     ),
     executor_def=dg.in_process_executor,

@@ -158,9 +158,12 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
 
 
 @dg.op(
-    description="Redeploys the rollback target through the same target and rolling procedure, built for speed: the "
-                "last good release's artifact is kept ready (no rebuild) and every new instance starts at once; an old "
-                "instance leaves only when a new one is healthy, so no request is dropped.",
+    description="Puts the rollback target back. With a warm standby of it (PM2, target.standby_s): a traffic switch "
+                "(the standby healthy on its own ports, one nginx reload, the bad instances drained and stopped), or "
+                "only the stop of the bad instances when a sensor switched already. Otherwise it redeploys through the "
+                "same target and rolling procedure, built for speed: the last good release's artifact is kept ready "
+                "(no rebuild) and every new instance starts at once; an old instance leaves only when a new one is "
+                "healthy, so no request is dropped.",
     tags={"stage": "rollback"},
 )
 def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: LocalStack, postgres: PostgresResource,
