@@ -18,7 +18,7 @@ from ops_pipeline.release.ops.hosts import verify_hosts
 from ops_pipeline.release.ops.migrate import migrate_database
 from ops_pipeline.release.ops.plan import plan_release
 from ops_pipeline.release.ops.preflight import verify_env
-from ops_pipeline.release.ops.rollback import plan_rollback, rollback_deploy, rollback_gate
+from ops_pipeline.release.ops.rollback import plan_rollback, rollback_deploy, rollback_gate, stop_standby
 from ops_pipeline.release.ops.tests import run_tests
 
 RELEASE_TAGS = {"ops/kind": "release", "dagster/max_retries": "0"}
@@ -48,7 +48,9 @@ def release():
 @dg.job(
     description=(
         "Redeploys the last known-good version of an environment (or an explicit target_version) through the same "
-        "target and rolling procedure, then the same health gate. App only: when the bad release applied migrations "
+        "target and rolling procedure, then the same health gate; with a warm standby of that version (PM2, "
+        "target.standby_s) it is a traffic switch to it instead (possibly made already by the sensor that requested "
+        "the run), and nothing is started. App only: when the bad release applied migrations "
         "the run points at the pre-migration backup and the restore_database job, and never restores by itself."
     ),
     executor_def=dg.in_process_executor,
@@ -102,3 +104,15 @@ def approve_release():
 )
 def check_hosts_job():
     verify_hosts()
+
+
+@dg.job(
+    name="retire_standby",
+    description=("Stops an environment's warm standby (the previous version's instances kept running out of traffic "
+                 "after a release, target.standby_s) once its window ended; requested by the health watch, one run "
+                 "per standby (run key standby:<environment>:<generation>)."),
+    executor_def=dg.in_process_executor,
+    tags={"ops/kind": "standby", "dagster/max_retries": "0"},
+)
+def retire_standby_job():
+    stop_standby()

@@ -17,6 +17,11 @@ that died (e.g. killed with the daemon) does not count as requested: another one
 own (at most MAX_DEAD_ROLLBACKS dead ones per incident). `run_liveness` sweeps every
 in-progress run of this project's jobs on its own, so a dead one never keeps the queue blocked.
 
+With a warm standby of the last good version (PM2 target, `target.standby_s`), the sensor that confirms the failure
+(the health watch, or the release-failure sensor) first switches the traffic to it itself, then requests the rollback
+run, which finishes the job: the reasoning (latency) is in ops_pipeline/release/standby.py. The health watch also
+requests a `retire_standby` run for a standby whose window ended.
+
 Settings (platform/settings.py, parsed once at load): OPS_HEALTH_FAILURE_THRESHOLD (3), OPS_HEALTH_PROBES_PER_TICK (5),
 OPS_HEALTH_PROBE_INTERVAL_S (1.0), OPS_HEALTH_PROBE_TIMEOUT_S (2.0), OPS_HEALTH_MAX_PARALLEL (64).
 """
@@ -33,8 +38,9 @@ from ops_pipeline.platform.prober import HttpProber, Probe
 from ops_pipeline.platform.settings import settings
 from ops_pipeline.platform.spec import ReleaseSpec, SpecError
 from ops_pipeline.release import liveness
+from ops_pipeline.release import standby as warm
 from ops_pipeline.release.approval import APPROVAL_TAG
-from ops_pipeline.release.jobs import approve_release, plan, release, rollback
+from ops_pipeline.release.jobs import approve_release, plan, release, retire_standby_job, rollback
 from ops_pipeline.release.liveness import FAILED_RUN_TAG
 from ops_pipeline.targets.resource import DeployTargets
 
@@ -53,7 +59,7 @@ PROBE_TIMEOUT_FLOOR_S = 0.5  # a probe started at the deadline (the one every en
 MAX_DEAD_ROLLBACKS = 3  # rollbacks of one incident that died before the health watch stops requesting another
 NOTE_MAX_ENVIRONMENTS = 20  # environments named in a tick's note beyond the summary line
 PROJECT_JOBS = {release.name, rollback.name, plan.name, approve_release.name, backup.name, restore_drill_job.name,
-                restore_database_job.name}
+                restore_database_job.name, retire_standby_job.name}
 
 
 class SharedClientProber:
@@ -80,6 +86,7 @@ def rollback_request(environment: str, bad_version: str, reason: str, run_key: s
     """`failed_run`: the failed release this rollback answers; if that release is resumed (re-executed from failure)
     before the rollback runs, the rollback stands down (plan_rollback)."""
     return dg.RunRequest(
+        job_name=rollback.name,
         run_key=run_key,
         run_config={"ops": {"plan_rollback": {"config": {"environment": environment, "bad_version": bad_version,
                                                          "reason": reason}}}},
@@ -100,9 +107,11 @@ def rollback_died(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
 def evaluate_environment(environment: str, state: dict, hist: history.EnvironmentHistory, prober: HttpProber,
                          instance: dg.DagsterInstance, *, threshold: int = THRESHOLD, probes: int = PROBES_PER_TICK,
                          interval_s: float = PROBE_INTERVAL_S, timeout_s: float = PROBE_TIMEOUT_S,
-                         deadline: float | None = None, log=None) -> tuple[dict, dg.RunRequest | None, str]:
+                         deadline: float | None = None, log=None, targets: DeployTargets | None = None,
+                         ) -> tuple[dict, dg.RunRequest | None, str]:
     """Probe one environment; returns (new state, run request or None, note). `deadline` (time.monotonic()) bounds
-    the probing: no probe starts after it, but one probe always happens."""
+    the probing: no probe starts after it, but one probe always happens. With `targets`, a confirmed failure first
+    switches the traffic to a warm standby of the last good version (ops_pipeline/release/standby.py)."""
     serving = hist.serving_version
     record = hist.release_of(serving) if serving else None
     recorded = history.spec_json(record) if record else None
@@ -187,17 +196,24 @@ def evaluate_environment(environment: str, state: dict, hist: history.Environmen
         return state, None, f"{environment}: {bad} unhealthy and no known-good version to roll back to{dead_note}"
     reason = (f"health watch: {state['failures']} consecutive failed probes of {url} since "
               f"{time.strftime('%H:%M:%S', time.gmtime(state['first_failure_at']))}Z ({state.get('last_error', '')})")
+    switch_note = ""
+    if targets is not None:
+        switched, switch_note = warm.switch(spec, good.version, targets, by="health_watch")
+        if switched:
+            state["switched_at"] = round(time.time(), 1)
+            reason += f"; traffic switched to the warm standby of {good.version} by the health watch"
     state["requested"] = key
     return state, rollback_request(environment, bad, reason, key, "health_watch"), \
-        f"{environment}: rollback of {bad} requested{retry_note}{dead_note}"
+        f"{environment}: rollback of {bad} requested{switch_note}{retry_note}{dead_note}"
 
 
 def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *, probes: int | None = None,
                interval_s: float | None = None, timeout_s: float | None = None, threshold: int | None = None,
-               max_parallel: int | None = None) -> tuple[dict, list[dg.RunRequest], list[tuple[str, str, str]]]:
+               max_parallel: int | None = None, targets: DeployTargets | None = None,
+               ) -> tuple[dict, list[dg.RunRequest], list[tuple[str, str, str]]]:
     """One evaluation over every released environment, all probed at the same time. Returns (new cursor, run
     requests, [(environment, kind, note)]) with kind one of healthy | failing | unhealthy | requested | idle | error.
-    Settings default to the module's (read at call time)."""
+    Settings default to the module's (read at call time). With `targets`, warm standbys are used and swept."""
     probes = PROBES_PER_TICK if probes is None else probes
     interval_s = PROBE_INTERVAL_S if interval_s is None else interval_s
     timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
@@ -214,7 +230,11 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
             hist = history.load(instance, env, limit=100)
             state, request, note = evaluate_environment(env, dict(cursor.get(env, {})), hist, prober, instance,
                                                         threshold=threshold, probes=probes, interval_s=interval_s,
-                                                        timeout_s=timeout_s, deadline=deadline)
+                                                        timeout_s=timeout_s, deadline=deadline, targets=targets)
+            extra = warm.expiry_for(env, hist, targets) if targets is not None and request is None else None
+            if extra is not None:
+                note += (f"; retire_standby requested (warm standby of {extra.tags['ops/standby_version']}: "
+                         f"{extra.tags['ops/standby_reason']})")
             if request is not None:
                 kind = "requested"
             elif not state:
@@ -225,16 +245,16 @@ def watch_tick(instance: dg.DagsterInstance, cursor: dict, prober: HttpProber, *
                 kind = "failing"
             else:
                 kind = "unhealthy"
-            return env, state, request, kind, note
+            return env, state, [r for r in (request, extra) if r is not None], kind, note
         except Exception as exc:  # noqa: BLE001 - one environment's error never crashes the tick
-            return env, cursor.get(env, {}), None, "error", f"{env}: sensor error {type(exc).__name__}: {str(exc)[:200]}"
+            return env, cursor.get(env, {}), [], "error", f"{env}: sensor error {type(exc).__name__}: {str(exc)[:200]}"
 
     results = []
     if envs:
         with ThreadPoolExecutor(max_workers=max(1, min(len(envs), max_parallel)), thread_name_prefix="health") as pool:
             results = list(pool.map(one, envs))
     new_cursor = {env: state for env, state, _, _, _ in results if state}  # environments gone leave the cursor
-    requests = [r for _, _, r, _, _ in results if r is not None]
+    requests = [r for _, _, rs, _, _ in results for r in rs]
     return new_cursor, requests, [(env, kind, note) for env, _, _, kind, note in results]
 
 
@@ -265,7 +285,7 @@ def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int
 
 @dg.sensor(
     name="health_watch",
-    job=rollback,
+    jobs=[rollback, retire_standby_job],
     minimum_interval_seconds=1,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
@@ -273,7 +293,9 @@ def tick_note(outcomes: list[tuple[str, str, str]], elapsed_s: float, limit: int
         "evaluation, consecutive failures kept in the cursor; at 3 (default) it requests one rollback per incident (run "
         "key: environment + bad version), none while a release or rollback of that environment runs (unless that run's "
         "process is dead: then it is marked failed and the rollback goes ahead), none when the last good version is the "
-        "one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick."
+        "one failing. A single blip never triggers a rollback; an HTTP error is a failed probe, never a crashed tick. "
+        "With a warm standby of the last good version it switches the traffic to it first (one nginx reload), and "
+        "requests retire_standby when a standby's window ends."
     ),
 )
 def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTargets) -> dg.SensorResult:
@@ -284,7 +306,7 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
     started = time.monotonic()
     prober = SharedClientProber(deploy_targets.prober)
     try:
-        cursor, requests, outcomes = watch_tick(context.instance, cursor, prober)
+        cursor, requests, outcomes = watch_tick(context.instance, cursor, prober, targets=deploy_targets)
     except Exception as exc:  # noqa: BLE001 - a tick must never crash
         return dg.SensorResult(skip_reason=f"cannot read release history: {type(exc).__name__}", cursor=json.dumps(cursor))
     finally:
@@ -295,7 +317,7 @@ def health_watch(context: dg.SensorEvaluationContext, deploy_targets: DeployTarg
     note = tick_note(outcomes, time.monotonic() - started, summary_suffix=cut)
     for env, kind, text in outcomes:
         if kind == "requested":
-            request = next(r for r in requests if r.tags.get("ops/environment") == env)
+            request = next(r for r in requests if r.tags.get("ops/environment") == env and r.job_name == rollback.name)
             context.log.warning(f"{text}: {request.run_config['ops']['plan_rollback']['config']['reason']}")
     if any(kind not in ("healthy", "idle") for _, kind, _ in outcomes):
         context.log.info(note)
@@ -354,8 +376,17 @@ def rollback_on_release_failure(context: dg.RunFailureSensorContext):
         if requested:
             return dg.SkipReason(f"release {run.run_id[:8]} died{died}; rollback of {bad} already requested "
                                  f"(run {requested[0].run_id[:8]})")
-    return rollback_request(environment, bad, f"release run {run.run_id[:8]} failed at {', '.join(failed_steps)}{died}",
-                            f"release-failed:{run.run_id}", "release_failure", failed_run=run.run_id)
+    reason = f"release run {run.run_id[:8]} failed at {', '.join(failed_steps)}{died}"
+    try:
+        note = warm.switch_for_failed_release(context.instance, environment, bad, "rollback_on_release_failure",
+                                              active_runs)
+    except Exception as exc:  # noqa: BLE001 - the rollback is requested whatever happens to the switch
+        note = f"warm standby not used ({type(exc).__name__}: {str(exc)[:200]})"
+    if note:
+        context.log.info(f"{environment}: {note}")
+        reason += f"; {note}"
+    return rollback_request(environment, bad, reason, f"release-failed:{run.run_id}", "release_failure",
+                            failed_run=run.run_id)
 
 
 @dg.sensor(

@@ -60,9 +60,28 @@ def report(environment: str, instance: dg.DagsterInstance) -> tuple[int, str]:
                      f"version={probe.version} {probe.body or ''}")
         if not probe.ok:
             status = 1
+        standby = _standby(release_spec)
+        if standby:
+            lines.append(f"standby:     {standby}")
     lines.append("history (newest first):")
     lines += [f"  {s}" for s in hist.summary(6)]
     return status, "\n".join(lines)
+
+
+def _standby(spec: ReleaseSpec) -> str:
+    """The warm standby (version, instances, measured memory, time left), from the target's state file."""
+    from ops_pipeline.targets.resource import DeployTargets
+
+    try:
+        standby = DeployTargets.with_defaults().for_spec(spec).standby()
+    except Exception as exc:  # noqa: BLE001 - the report goes on without it
+        return f"unknown ({type(exc).__name__}: {str(exc)[:200]})"
+    if standby is None:
+        return ""
+    parts = [standby.summary()] if standby.instances else []
+    if standby.retiring:
+        parts.append(f"{len(standby.retiring)} instance(s) taken out of traffic by a switch, not stopped yet")
+    return "; ".join(parts)
 
 
 def report_all(instance: dg.DagsterInstance, names: list[str] | None = None) -> tuple[int, str]:

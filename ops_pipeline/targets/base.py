@@ -68,6 +68,7 @@ class RolloutReport:
     started_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
     instances: list[str] = field(default_factory=list)
+    standby: dict = field(default_factory=dict)  # Standby.to_json() of what the rollout left warm (empty: none)
 
     def add(self, action: str, instance: str, version: str, started: float, detail: str = "") -> None:
         self.steps.append(RolloutStep(action, instance, version, round(time.monotonic() - started, 3), detail))
@@ -97,6 +98,67 @@ def rollout_plan(old: Sequence[str], instances: int) -> list[Swap]:
     a time, and old instances beyond the slots leave at the end (scale down). Every target follows this plan."""
     plan = [Swap(slot, old[slot] if slot < len(old) else None) for slot in range(instances)]
     return plan + [Swap(None, name) for name in old[instances:]]
+
+
+@dataclass
+class Standby:
+    """The previous version's instances kept running out of traffic after a release (the warm standby), and what a
+    traffic switch to them left behind: `retiring` (the replaced instances, out of traffic, not stopped yet) and
+    `switched` ({at, by, from_version, to_version})."""
+
+    version: str = ""
+    instances: list[dict] = field(default_factory=list)  # {name, id, port, deploy_id, rss_bytes}
+    made_at: float = 0.0
+    expires_at: float = 0.0
+    window_s: float = 0.0
+    replaced_by: str = ""
+    generation: str = ""  # deploy id of the rollout that made it
+    rss_measured_at: float = 0.0
+    retiring: list[dict] = field(default_factory=list)
+    switched: dict = field(default_factory=dict)
+
+    @property
+    def rss_bytes(self) -> int:
+        return sum(int(i.get("rss_bytes") or 0) for i in self.instances)
+
+    def expired(self, now: float | None = None) -> bool:
+        return bool(self.instances) and (now or time.time()) >= self.expires_at
+
+    def available_for(self, version: str, now: float | None = None) -> bool:
+        return bool(self.instances) and self.version == version and not self.expired(now)
+
+    def summary(self, now: float | None = None) -> str:
+        if not self.instances:
+            return "none"
+        left = self.expires_at - (now or time.time())
+        ports = ", ".join(str(i.get("port")) for i in self.instances)
+        when = f"expires in {left:.0f} s" if left > 0 else f"expired {-left:.0f} s ago"
+        return (f"{self.version} x{len(self.instances)} out of traffic (ports {ports}), "
+                f"{self.rss_bytes / 2**20:.0f} MB RSS, {when}")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "rss_bytes": self.rss_bytes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Standby:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class SwitchResult:
+    """A traffic switch to the standby: `ok` when only the standby's version serves now; else `detail` says why not."""
+
+    ok: bool
+    version: str
+    detail: str
+    routed: list[str] = field(default_factory=list)  # instances nginx routes to now
+    retiring: list[str] = field(default_factory=list)  # instances taken out by the switch
+    stopped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    already: bool = False  # the traffic was already on the standby (an earlier switch): nothing changed
+
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 class RolloutError(RuntimeError):
@@ -142,6 +204,26 @@ class DeployTarget(ABC):
 
     def prune(self, keep_versions: set[str], log: LogFn) -> list[str]:
         """Remove old release material, never anything in `keep_versions`. Returns what was removed."""
+        return []
+
+    # ---- warm standby (PM2 target; a target without one keeps these defaults) -------------------------------------
+    def standby(self) -> Standby | None:
+        """The warm standby of this environment (or what a switch to it left to retire), None when there is none."""
+        return None
+
+    def switch_to_standby(self, version: str, log: LogFn, *, retire: bool = True, by: str = "") -> SwitchResult:
+        """Route all traffic to the standby of `version` after checking it on its own (one proxy reload); with
+        `retire`, the replaced instances are then drained and stopped. Never raises for a missing or unhealthy standby:
+        the result says why not, and the caller redeploys."""
+        return SwitchResult(False, version, f"the {self.kind} target keeps no warm standby")
+
+    def finish_switch(self, log: LogFn) -> list[str]:
+        """Drain and stop the instances a switch took out of traffic. Returns what stopped."""
+        return []
+
+    def retire_standby(self, log: LogFn, reason: str, *, only_expired: bool = False, generation: str = "") -> list[str]:
+        """Stop the standby (only once expired, with `only_expired`; only that one, with `generation`). Returns what
+        stopped."""
         return []
 
     def serving_versions(self) -> set[str]:

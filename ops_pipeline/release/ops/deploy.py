@@ -15,12 +15,15 @@ from ops_pipeline.targets.resource import DeployTargets
 
 
 def rollout_metadata(report, target: DeployTarget) -> dict:
+    standby = {"standby": dg.MetadataValue.json(report.standby),
+               "standby_rss_mb": round(report.standby.get("rss_bytes", 0) / 2**20, 1)} if report.standby else {}
     return {
         "instances_rolled": dg.MetadataValue.json(report.instances),
         "order": dg.MetadataValue.json(report.order()),
         "previous_versions": dg.MetadataValue.json(report.previous_versions),
         "rollout_s": round(report.duration_s, 2),
         "target": target.kind,
+        **standby,  # the warm standby the rollout left (PM2 target.standby_s) and its measured memory
     }
 
 

@@ -1,4 +1,13 @@
-"""Rollback: the last known-good version back, through the same target, procedure and health gate."""
+"""Rollback: the last known-good version back, through the same target, procedure and health gate.
+
+With a warm standby of that version (PM2 target, `target.standby_s`), the rollback is a traffic switch: the standby is
+checked on its own ports, one nginx reload routes only to it, the replaced instances drain and stop. A sensor may
+have switched already (ops_pipeline/release/standby.py): then this run finds the traffic on the standby, stops the
+replaced instances and records the rollback. Without a usable standby it redeploys, and its log says why.
+`retire_standby` stops a standby whose window ended (requested by the health watch).
+"""
+
+import time
 
 import dagster as dg
 from dagster._core.errors import DagsterInvalidPropertyError
@@ -62,10 +71,12 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
     # What is serving, read from the runtime (the record may lag behind a crashed release).
     newest_spec = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
     serving_versions: set[str] = set()
+    standby = None
     if newest_spec:
         try:
             target = deploy_targets.for_spec(ReleaseSpec.from_json(newest_spec))
             serving_versions = target.serving_versions()
+            standby = target.standby()
         except Exception as exc:  # noqa: BLE001 - reported, the plan continues from the record
             context.log.warning(f"could not read the serving state from the target: {type(exc).__name__}: {exc}")
     recorded = hist.serving_version
@@ -95,7 +106,9 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
         ReleaseSpec.from_json(history.spec_json(good) or {}, version=good.version)
     except SpecError as exc:
         raise failure(f"the release record of {good.version} cannot be rolled back to: {exc}") from None
-    noop = serving_versions == {good.version}
+    switched = (standby.switched if standby and standby.switched.get("to_version") == good.version and standby.retiring
+                else {})
+    noop = serving_versions == {good.version} and not switched
     bad_record = hist.release_of(bad) if bad else None
     bad_events = [e for e in hist.events if e.version == bad]
     migrations = next((e.get("migrations") for e in bad_events if e.get("migrations")), []) or []
@@ -112,6 +125,8 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
         "bad_release_migrations": migrations,
         "pre_migration_backup": backup_id,
         "bad_was_recorded_serving": bool(bad_record),
+        "switched": switched,
+        "standby": standby.to_json() if standby else {},
     }
     if migrations:
         context.log.warning(
@@ -119,6 +134,11 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
             f"is not backward compatible, restore the pre-migration backup {backup_id or '(unknown)'} with the "
             f"restore_database job (backup_id: {backup_id}) after reviewing the data-loss window. Nothing is restored automatically."
         )
+    if switched:
+        context.log.info(f"traffic of '{config.environment}' is already on the warm standby of {good.version} (switched by "
+                         f"{switched.get('by') or '?'} at {time.strftime('%H:%M:%S', time.gmtime(switched['at']))}Z); "
+                         f"this run stops the replaced instances ({', '.join(r['name'] for r in standby.retiring)}) "
+                         "and records the rollback")
     if noop:
         context.log.info(f"{good.version} is already what serves '{config.environment}'; nothing to roll back")
     else:
@@ -132,14 +152,18 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
         "noop": noop,
         "bad_release_migrations": dg.MetadataValue.json(migrations),
         "pre_migration_backup": backup_id or "none",
+        "standby": standby.summary() if standby else "none",
     })
     return plan
 
 
 @dg.op(
-    description="Redeploys the rollback target through the same target and rolling procedure, built for speed: the "
-                "last good release's artifact is kept ready (no rebuild) and every new instance starts at once; an old "
-                "instance leaves only when a new one is healthy, so no request is dropped.",
+    description="Puts the rollback target back. With a warm standby of it (PM2, target.standby_s): a traffic switch "
+                "(the standby healthy on its own ports, one nginx reload, the bad instances drained and stopped), or "
+                "only the stop of the bad instances when a sensor switched already. Otherwise it redeploys through the "
+                "same target and rolling procedure, built for speed: the last good release's artifact is kept ready "
+                "(no rebuild) and every new instance starts at once; an old instance leaves only when a new one is "
+                "healthy, so no request is dropped.",
     tags={"stage": "rollback"},
 )
 def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: LocalStack, postgres: PostgresResource,
@@ -150,6 +174,19 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
     env = resolve_app_env(spec.config, local_stack)
     take_environment_lock(context, spec, postgres, env.database_url)
     target = deploy_targets.for_spec(spec, env.redactor)
+    if plan.get("switched"):
+        stopped = target.finish_switch(context.log.info)
+        switch = {"ok": True, "already": True, "by": plan["switched"].get("by", ""), "stopped": stopped,
+                  "version": spec.version}
+        context.add_output_metadata({"switch": dg.MetadataValue.json(switch), "new_processes": 0, "target": target.kind})
+        return {**plan, "rollout": None, "switch": switch}
+    result = target.switch_to_standby(spec.version, context.log.info, retire=True, by=f"rollback run {context.run_id[:8]}")
+    if result.ok:
+        context.add_output_metadata({"switch": dg.MetadataValue.json(result.to_json()), "switch_s": result.seconds,
+                                     "new_processes": 0, "target": target.kind})
+        return {**plan, "rollout": None, "switch": result.to_json()}
+    if target.kind == "pm2":
+        context.log.info(f"no traffic switch to a standby of {spec.version}: {result.detail}; redeploying it")
     artifact = Artifact.from_json(plan["target_artifact"])
     try:
         report = target.rollout(artifact, spec.version, env.for_process(), context.log.info, surge_all=True)
@@ -159,8 +196,11 @@ def rollback_deploy(context: dg.OpExecutionContext, plan: dict, local_stack: Loc
             reason=env.redactor(str(exc))[:2000], stage="rollback_deploy"))
         raise failure(f"rollback to {spec.version} failed: {env.redactor(str(exc))}",
                          metadata=rollout_metadata(exc.report, target)) from None
-    context.add_output_metadata(rollout_metadata(report, target))
-    return {**plan, "rollout": report.to_json()}
+    # the instances this rollout replaced are the bad version's: never kept as a standby
+    discarded = target.retire_standby(context.log.info, f"{plan['bad_version'] or 'the replaced version'} is being "
+                                      "rolled back: not kept as a standby")
+    context.add_output_metadata({**rollout_metadata(report, target), "standby_discarded": dg.MetadataValue.json(discarded)})
+    return {**plan, "rollout": report.to_json(), "switch": None}
 
 
 @dg.op(
@@ -190,6 +230,7 @@ def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: L
             from_version=deployed["bad_version"] if deployed["bad_version"] != spec.version else None,
             reason=deployed["reason"], artifact=deployed["target_artifact"], spec=deployed["target_spec"], gate=evidence,
             migrations_left_in_place=deployed["bad_release_migrations"], pre_migration_backup=deployed["pre_migration_backup"],
+            standby_switch=deployed.get("switch"),
         ))
     if not deployed["noop"]:
         notifier.announce(context.log, f":white_check_mark: rollback of {spec.environment} finished: {spec.version} serving "
@@ -197,3 +238,34 @@ def rollback_gate(context: dg.OpExecutionContext, deployed: dict, local_stack: L
     context.add_output_metadata({"version": spec.version, "probes": evidence["probes"], "p95_ms": evidence["p95_ms"],
                                  "deployed_url": dg.MetadataValue.url(spec.public_url)})
     return {"version": spec.version, "gate": evidence}
+
+
+class RetireStandbyConfig(dg.Config):
+    """Which environment's standby to stop, and which generation (the deploy that made it)."""
+
+    environment: str = Field("local", description="Environment whose warm standby's window ended.")
+    generation: str = Field("", description="Only this standby generation (empty: whichever, once expired).")
+
+
+@dg.op(
+    description="Stops an environment's warm standby once its window ended (and any instance a traffic switch left "
+                "running): its PM2 processes are deleted, their ports freed. A standby replaced since, or not expired "
+                "yet, is left alone.",
+    tags={"stage": "rollback"},
+)
+def stop_standby(context: dg.OpExecutionContext, config: RetireStandbyConfig, deploy_targets: DeployTargets) -> list:
+    if not ENV_NAME.match(config.environment or ""):
+        raise failure(f"environment: {config.environment!r} is not a valid environment name")
+    hist = history.load(context.instance, config.environment)
+    newest_spec = next((history.spec_json(e) for e in hist.events if history.spec_json(e)), None)
+    if not newest_spec:
+        raise failure(f"environment: no release history for '{config.environment}' (unknown environment?)")
+    target = deploy_targets.for_spec(ReleaseSpec.from_json(newest_spec))
+    before = target.standby()
+    stopped = target.retire_standby(context.log.info, "the standby window ended", only_expired=True,
+                                    generation=config.generation)
+    context.log.info(f"stopped {', '.join(stopped)}" if stopped else
+                     f"nothing to stop: {before.summary() if before else 'no standby'}")
+    context.add_output_metadata({"environment": config.environment, "stopped": dg.MetadataValue.json(stopped),
+                                 "standby_before": before.summary() if before else "none"})
+    return stopped

@@ -1,7 +1,8 @@
 """PM2 target: one PM2 process per instance on this host, each on its own port, behind an nginx front proxy.
 
 (Over 400 lines: the PM2 CLI, release folders, the rollout with its drain and its recovery are one system's
-behaviour; the front proxy and the process helpers are in ../nginx.py and ../procs.py.)
+behaviour; the front proxy and the process helpers are in ../nginx.py and ../procs.py, the warm standby in
+./standby.py.)
 
 Layout per environment (`<state>/envs/<env>/` by default):
 
@@ -19,6 +20,14 @@ until it answers healthy on its own port (a broken version never sees a public r
 it in and takes one old instance out; the old instance is stopped only after nginx's previous workers finished their
 requests and no connection to it is left (so an app with no SIGINT handling loses nothing). A new instance that
 never gets healthy is deleted and the old ones keep serving. State is read back from PM2 (`pm2 jlist`).
+
+Warm standby (`target.standby_s` > 0): the old instances a successful rollout retires leave nginx but are not
+stopped; they are the standby for that window, recorded in `<env>/standby.json` with their measured memory
+(./standby.py: the state file and the standby's methods, mixed into this class). `serving()` is only what is in traffic; `standby()` is the standby. Retirement has one path, `_drain`, and the
+standby is decided there. `switch_to_standby` is the one traffic switch: the standby answers healthy on its own ports
+(the rollout's N-in-a-row check), then one nginx reload routes only to it, `current` moves, and the replaced instances
+drain and stop (at once, or later with `finish_switch`). One standby generation: the next rollout's first retirement
+stops the previous one, and `retire_standby` stops an expired one without a release.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
 from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport, rollout_plan
 from ops_pipeline.targets.nginx import HostNginx, NginxError
+from ops_pipeline.targets.pm2.standby import Pm2Standby, StandbyStore
 from ops_pipeline.targets.procs import established_to
 
 BASE_ENV_KEYS = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
@@ -63,7 +73,7 @@ class Pm2Resource(dg.ConfigurableResource):
         return found
 
 
-class Pm2Target(DeployTarget):
+class Pm2Target(Pm2Standby, DeployTarget):
     kind = "pm2"
 
     def __init__(self, spec: ReleaseSpec, runtime: Pm2Resource, prober: HttpProber,
@@ -83,6 +93,8 @@ class Pm2Target(DeployTarget):
         self.instance_dirs = env_dir / "instances"
         self.nginx = HostNginx(env_dir / "nginx", spec.target.host, spec.target.port, cfg.drain_s,
                                f"{spec.app.name} in {spec.environment} (PM2 target)")
+        self.standby_store = StandbyStore(env_dir)
+        self._generation = ""  # deploy id of the rollout in progress (the standby it makes is that generation)
 
     # ---- PM2 CLI ------------------------------------------------------------------------------
     def _env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -137,6 +149,13 @@ class Pm2Target(DeployTarget):
 
     # ---- state --------------------------------------------------------------------------------
     def serving(self) -> list[Instance]:
+        """The instances in traffic: every instance of the app in PM2 but the standby and those a switch took out."""
+        state = self.standby_store.read()
+        out = {i.get("name") for i in state.instances + state.retiring}
+        return [i for i in self._instances() if i.name not in out]
+
+    def _instances(self) -> list[Instance]:
+        """Every instance of the app in this environment's PM2, in traffic or not."""
         instances = []
         for p in self._jlist():
             env = p.get("pm2_env", {})
@@ -218,7 +237,7 @@ class Pm2Target(DeployTarget):
             return []
         dirs = sorted((d for d in self.releases.iterdir() if d.is_dir() and not d.name.startswith(".")),
                       key=lambda d: d.stat().st_mtime, reverse=True)
-        protected = set(keep_versions) | {i.version for i in self.serving()}
+        protected = set(keep_versions) | {i.version for i in self._instances()}  # the standby's folder is in use
         cur = self.current_version()
         if cur:
             protected.add(cur)
@@ -240,7 +259,7 @@ class Pm2Target(DeployTarget):
         both stayed forever, 4 files per release/rollback cycle. App files of instances no longer serving are
         removed (PM2 keeps its own copy of a started definition); logs of the serving instances and of the newest
         keep_releases x instances others are kept, for what a removed version printed."""
-        serving = self.serving()
+        serving = self._instances()  # the standby's and retiring instances' files are kept too
         live = {i.deploy_id for i in serving if i.deploy_id}
         if not live:  # nothing serves (or PM2 did not answer): keep everything
             return
@@ -321,12 +340,13 @@ class Pm2Target(DeployTarget):
         return name, port
 
     def _find(self, name: str, deploy_id: str) -> Instance | None:
-        for i in self.serving():
+        for i in self._instances():
             if i.name == name and i.deploy_id == deploy_id:
                 return i
         return None
 
-    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str) -> HealthWait:
+    def _wait_instance_healthy(self, name: str, deploy_id: str, port: int, version: str,
+                               deadline_s: float | None = None) -> HealthWait:
         next_state_check = time.monotonic() + 1.5
 
         def stop_reason() -> str:
@@ -344,7 +364,8 @@ class Pm2Target(DeployTarget):
 
         return self.prober.wait_healthy(
             f"http://127.0.0.1:{port}{self.spec.app.health_path}", version=version, successes=2, interval_s=0.1,
-            timeout_s=min(self.spec.gate.request_timeout_s, 2.0), deadline_s=self.spec.target.pm2.listen_timeout_s,
+            timeout_s=min(self.spec.gate.request_timeout_s, 2.0),
+            deadline_s=deadline_s or self.spec.target.pm2.listen_timeout_s,
             version_from=self.spec.app.health_version, stop_reason=stop_reason)
 
     def _log_tail(self, name: str, lines: int = 20) -> str:
@@ -356,8 +377,11 @@ class Pm2Target(DeployTarget):
         return self.redactor("\n".join(text))
 
     def _delete(self, inst: Instance, log: LogFn) -> None:
+        self._delete_id(inst.id, log)
+
+    def _delete_id(self, pm_id: str, log: LogFn) -> None:
         # PM2 sends SIGINT, waits kill_timeout for the app to drain, then SIGKILL.
-        self.pm2("delete", inst.id, log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
+        self.pm2("delete", str(pm_id), log=log, check=False, timeout_s=self.spec.target.pm2.kill_timeout_s + 30)
 
     @staticmethod
     def _upstream(members: dict[str, int]) -> list[tuple[int, str]]:
@@ -372,8 +396,16 @@ class Pm2Target(DeployTarget):
 
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
                 surge_all: bool = False) -> RolloutReport:
+        with self.standby_store.rollout():  # a sensor's traffic switch never touches a rollout in progress
+            report = self._rollout(artifact, version, app_env, log, surge_all=surge_all)
+            report.standby = self._seal_standby(report, log)
+            return report
+
+    def _rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
+                 surge_all: bool = False) -> RolloutReport:
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
+        self._generation = deploy_id
         old = [i for i in self.serving()]
         previous = self.current_version()
         host, port = self.spec.target.host, self.spec.target.port
@@ -465,20 +497,27 @@ class Pm2Target(DeployTarget):
     def _drain(self, victim: Instance, old_workers: set[int], report: RolloutReport, started: float, log: LogFn,
                what: str) -> None:
         """Out of nginx already: wait until nginx's previous workers finished their requests and no connection to the
-        instance is left (at most drain_s), then stop it."""
-        t0 = time.monotonic()
-        drain_s = self.spec.target.pm2.drain_s
-        drained = self.nginx.wait_gone(old_workers, drain_s)
-        port = victim.extra.get("port")
-        while port and established_to(port) and time.monotonic() - t0 < drain_s:
-            time.sleep(0.05)
-        left = established_to(port) if port else 0
-        waited = time.monotonic() - t0
+        instance is left (at most drain_s), then stop it. The one retirement path of a rollout: with a standby
+        window, an instance of the version being replaced is kept running out of traffic instead (`_keep_standby`)."""
+        if self._keeps_standby(victim, report):
+            self._keep_standby(victim, report, started, log)
+            return
+        waited, left, drained = self._wait_drained(victim.extra.get("port"), old_workers)
         self._delete(victim, log)
         detail = (f"{what}: drained in {waited:.2f} s" if drained and not left
                   else f"{what}: drain cut after {waited:.1f} s ({left} connection(s) left)")
         report.add("removed", victim.name, victim.version, started, detail)
         log(f"removed {victim.name} ({victim.version}): {detail}")
+
+    def _wait_drained(self, port: int | None, old_workers: set[int]) -> tuple[float, int, bool]:
+        """Wait until nginx's previous workers finished and no connection to `port` is left, at most drain_s. Returns
+        (seconds waited, connections left, whether the old workers finished)."""
+        t0 = time.monotonic()
+        drain_s = self.spec.target.pm2.drain_s
+        drained = self.nginx.wait_gone(old_workers, drain_s)
+        while port and established_to(port) and time.monotonic() - t0 < drain_s:
+            time.sleep(0.05)
+        return time.monotonic() - t0, established_to(port) if port else 0, drained
 
     def _surge_slot(self, slot: int, version: str, deploy_id: str, app_env: dict[str, str], report: RolloutReport,
                     started: float, log: LogFn) -> tuple[str, int]:
@@ -517,9 +556,10 @@ class Pm2Target(DeployTarget):
         """Stop this environment's front proxy, PM2 daemon and every instance (tests, teardown, `make down`)."""
         done = ["nginx"] if self.nginx.stop() else []
         if self.home.exists():
-            done += [f"{i.name} ({i.version})" for i in self.serving()]
+            done += [f"{i.name} ({i.version})" for i in self._instances()]
             self.pm2("kill", check=False, timeout_s=60)
             done.append("PM2 daemon")
+        self.standby_store.clear()
         return done
 
 
