@@ -68,6 +68,7 @@ class RolloutReport:
     started_at: float = field(default_factory=time.time)
     finished_at: float = 0.0
     instances: list[str] = field(default_factory=list)
+    canary: list[dict] = field(default_factory=list)  # each canary step's analysis (figures, verdict), in order
 
     def add(self, action: str, instance: str, version: str, started: float, detail: str = "") -> None:
         self.steps.append(RolloutStep(action, instance, version, round(time.monotonic() - started, 3), detail))
