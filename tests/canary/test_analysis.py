@@ -141,7 +141,7 @@ def _later(t0: str) -> str:
 
 
 def test_the_apps_histogram_gives_the_same_figures_from_its_deltas():
-    read = lambda text: c.read_histogram(text, "http_request_duration_seconds", "status_code", frozenset({"/metrics"}))  # noqa: E731
+    read = lambda text: c.read_histogram(text, "http_request_duration_seconds", "status_code", frozenset({"/metrics"}))
     before, after = read(METRICS_T0), read(_later(METRICS_T0))
     assert (before.count, after.count, after.errors) == (10, 100, 10)  # our own scrapes are left out
     delta = after.minus(before)
