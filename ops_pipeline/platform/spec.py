@@ -290,7 +290,9 @@ class ApprovalConfig(dg.Config):
 
     required: bool = Field(False, description="Hold the release until the approve_release job promotes or aborts it.")
     before: str = Field("migrate", description="The step it holds before: migrate (nothing irreversible has happened "
-                                              "yet; the backup is taken) or deploy (the schema is already migrated).")
+                                              "yet; the backup is taken), deploy (the schema is already migrated), or "
+                                              "canary-<weight> (e.g. canary-50: at that canary step, once its analysis "
+                                              "passed, the canary serving its share; abort = a failed analysis).")
     timeout_s: float = Field(3600.0, description="No decision within this time aborts the release.")
 
 
@@ -507,8 +509,11 @@ def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
         problems.append(f"lock_wait_s: must be >= 0 (got {cfg.lock_wait_s})")
     if _bad_number(cfg.dependency_timeout_s, 0, strict=True):
         problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
-    if cfg.approval.before not in ("migrate", "deploy"):
-        problems.append(f"approval.before: must be migrate or deploy (got {cfg.approval.before!r})")
+    stages = ["migrate", "deploy", *(f"canary-{s.weight}" for s in cfg.canary.steps)]
+    if cfg.approval.before not in stages:
+        hint = "; canary-<weight> names a step of canary.steps" if cfg.approval.before.startswith("canary-") else ""
+        problems.append(f"approval.before: must be {', '.join(stages[:-1])} or {stages[-1]} "
+                        f"(got {cfg.approval.before!r}{hint})")
     if _bad_number(cfg.approval.timeout_s, 0, strict=True):
         problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
 

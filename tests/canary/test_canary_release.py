@@ -22,8 +22,10 @@ import pytest
 from bench.loadgen import Load
 from ops_pipeline.platform import history
 from ops_pipeline.platform.local_stack import free_port
+from ops_pipeline.release.approval import APPROVAL_TAG
 from tests.canary import variants
 from tests.conftest import ROOT, make_defs, release_run_config, stop_front_proxy
+from tests.test_approval import Background, decide, waiting_run
 
 pytestmark = pytest.mark.xdist_group("canary")
 
@@ -34,15 +36,20 @@ STEPS = [{"weight": 10, "pause_s": 4.0}, {"weight": 50, "pause_s": 3.0}]
 
 
 class CanaryEnv:
-    def __init__(self, name: str, port: int, state_dir: Path, instance, job) -> None:
-        self.name, self.port, self.state_dir, self.instance, self.job = name, port, state_dir, instance, job
+    def __init__(self, name: str, port: int, state_dir: Path, instance, defs) -> None:
+        self.name, self.port, self.state_dir, self.instance, self.defs = name, port, state_dir, instance, defs
+        self.job = defs.get_job_def("release")
         self.env_dir = state_dir / "envs" / name
 
-    def release(self, app_dir: Path, version: str, canary: dict | None = None, **overrides):
+    def config(self, app_dir: Path, version: str, canary: dict | None = None, **overrides) -> dict:
         cfg = release_run_config(app_dir, self.name, version=version, port=self.port, fast=True, **overrides)
         if canary is not None:
             cfg["ops"]["verify_env"]["config"]["canary"] = canary
-        return self.job.execute_in_process(run_config=cfg, instance=self.instance, raise_on_error=False)
+        return cfg
+
+    def release(self, app_dir: Path, version: str, canary: dict | None = None, **overrides):
+        return self.job.execute_in_process(run_config=self.config(app_dir, version, canary, **overrides),
+                                           instance=self.instance, raise_on_error=False)
 
     def served(self, n: int = 20) -> set[str]:
         out = set()
@@ -75,11 +82,11 @@ def canary_env(node_app, services, state_dir):
     store_dir = Path(tempfile.mkdtemp(prefix="ops-canary-backups-"))
     from ops_pipeline.backup.store import BackupStore
 
-    job = make_defs(backup_store=BackupStore(local_dir=str(store_dir))).get_job_def("release")
+    defs = make_defs(backup_store=BackupStore(local_dir=str(store_dir)))
     with tempfile.TemporaryDirectory(prefix="ops-test-instance-") as d:
         shutil.copy(ROOT / "config" / "dagster.yaml", Path(d) / "dagster.yaml")
         with dg.instance_for_test(temp_dir=d) as instance:
-            env = CanaryEnv(name, port, state_dir, instance, job)
+            env = CanaryEnv(name, port, state_dir, instance, defs)
             first = env.release(node_app, "v1")
             assert first.success
             try:
@@ -108,7 +115,8 @@ def observations(env: CanaryEnv, result) -> list[dict]:
     return out
 
 
-def assert_aborted_to(env: CanaryEnv, result, stable: str, bad: str) -> dict:
+def assert_aborted_to(env: CanaryEnv, result, stable: str, bad: str, last_verdict: tuple = ("fail", "inconclusive")
+                      ) -> dict:
     """The release failed at rolling_deploy, only `stable` serves (nginx and PM2), the history says it failed."""
     assert not result.success
     step, message, md = step_failure(result)
@@ -120,7 +128,7 @@ def assert_aborted_to(env: CanaryEnv, result, stable: str, bad: str) -> dict:
     latest = history.load(env.instance, env.name).latest()
     assert (latest.event, latest.version) == (history.RELEASE_FAILED, bad)
     assert latest.get("rollout")["canary"], "the failed release's record holds the canary figures"
-    assert md["canary_verdict"].value in ("fail", "inconclusive")
+    assert md["canary_verdict"].value in last_verdict
     return {"message": message, "record": latest}
 
 
@@ -209,3 +217,46 @@ def test_a_good_canary_is_promoted_through_every_step(canary_env, node_app):
     assert min(s["seconds"] for s in retired) > max(s["seconds"] for s in steps if s["action"] == "healthy") + sum(
         st["pause_s"] for st in STEPS)
     assert history.load(env.instance, env.name).serving_version == "v-good"
+
+
+def held_release(env: CanaryEnv, app_dir: Path, version: str):
+    """A canary release that holds at its 10% step for approval, under load; returns (background, waiting run, load)."""
+    config = env.config(app_dir, version, canary={"steps": STEPS, "analysis": ANALYSIS},
+                        approval={"required": True, "before": "canary-10", "timeout_s": 120})
+    load = Load(env.port, rate=RATE).__enter__()
+    bg = Background(env.job, config, env.instance)
+    run = waiting_run(env.instance, timeout_s=150)
+    assert run.tags["ops/approval_stage"] == "canary-10"
+    upstream = env.upstream()  # held with the canary serving its share: 2 stable at 9, 2 canary at 1
+    assert upstream.count(" weight=9 ") == 2 and upstream.count(" weight=1 ") == 2, upstream
+    time.sleep(2)
+    assert bg.thread.is_alive() and env.upstream() == upstream  # still holding
+    return bg, run, load
+
+
+def test_an_approval_at_a_canary_step_holds_it_there_until_promoted(canary_env, node_app):
+    env = canary_env
+    stable = env.serving_version()
+    bg, run, load = held_release(env, node_app, "v-held")
+    assert decide(env.defs, env.instance, run_id=run.run_id, decision="promote", by="alice").success
+    result = bg.join()
+    load.__exit__(None, None, None)
+    assert result.success, step_failure(result)[1]
+    assert load.result.failed == 0 and set(load.result.versions) == {stable, "v-held"}, load.result.samples
+    assert env.served() == {"v-held"} and env.pm2_versions() == ["v-held", "v-held"]
+    assert [(o["step"], o["verdict"]) for o in observations(env, result)] == [(1, "pass"), (2, "pass")]
+    assert env.instance.get_run_by_id(result.run_id).tags[APPROVAL_TAG] == "promoted"
+    assert history.load(env.instance, env.name).latest().get("approved_by") == "alice"
+
+
+def test_an_abort_at_a_canary_step_withdraws_the_canary(canary_env, node_app):
+    env = canary_env
+    stable = env.serving_version()
+    bg, run, load = held_release(env, node_app, "v-refused")
+    assert decide(env.defs, env.instance, run_id=run.run_id, decision="abort", by="bob").success
+    result = bg.join()
+    load.__exit__(None, None, None)
+    out = assert_aborted_to(env, result, stable, "v-refused", last_verdict=("pass",))
+    assert "canary stopped at step 1 (10% of the requests): release of v-refused aborted by bob" in out["message"]
+    assert env.instance.get_run_by_id(result.run_id).tags[APPROVAL_TAG] == "aborted"
+    assert load.result.failed == 0, load.result.samples

@@ -53,6 +53,16 @@ def canary_step_observation(environment: str, version: str, step) -> dg.AssetObs
                                description=f"canary step {step.step} ({step.weight}%) of {version}: {step.verdict}")
 
 
+def hold_at_canary_step(context: dg.OpExecutionContext, spec: ReleaseSpec, step) -> str:
+    """`approval.before: canary-<weight>`: wait at that step (its analysis passed, the canary serving its share) for
+    the approve_release job. "" to carry on; why, when aborted or timed out (the canary is then withdrawn)."""
+    try:
+        wait_for_approval(context, spec, f"canary-{step.weight}")
+    except dg.Failure as exc:
+        return exc.description or "aborted"
+    return ""
+
+
 @dg.op(
     description=(
         "Rolls the new version out through the configured target (PM2 cluster, Docker Engine + nginx, or Kubernetes): "
@@ -79,6 +89,7 @@ def rolling_deploy(
         if spec.config.canary.enabled:  # validation allows a canary on the PM2 target only
             kwargs["on_canary_step"] = lambda step: context.log_event(
                 canary_step_observation(spec.environment, spec.version, step))
+            kwargs["on_canary_hold"] = lambda step: hold_at_canary_step(context, spec, step)
         report = target.rollout(artifact, spec.version, env.for_process(), context.log.info, **kwargs)
     except RolloutError as exc:
         context.log_event(history.materialization(

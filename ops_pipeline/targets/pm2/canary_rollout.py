@@ -6,7 +6,9 @@
    step's share (3 stable at 9 + 3 canary at 1 = 10%) and writes one JSON line per request to the access log; after
    the step's pause, the requests that ended since the reload are read back and judged. Inconclusive (too few
    requests) holds the step and widens its window until `max_inconclusive_s` past the pause.
-3. A failed or still inconclusive step raises `CanaryFailed`: the rollout's own recovery (`Pm2Target.rollout`) then
+3. A step that passed may be held (`on_hold`: an approval at that step), the canary keeping its share until someone
+   promotes (next step) or aborts (as a failed analysis).
+   A failed or still inconclusive step, or an abort, raises `CanaryFailed`: the rollout's own recovery (`Pm2Target.rollout`) then
    sends every request back to the stable instances in one reload and deletes the new ones once nginx's previous
    workers are done; the release fails with the step's figures.
 4. After the last step: one reload gives the new version every request (access log off again) and each old instance
@@ -37,12 +39,14 @@ class CanaryFailed(RolloutError):
 
 class CanaryRollout:
     def __init__(self, target: Pm2Target, version: str, deploy_id: str, app_env: dict[str, str], report: RolloutReport,
-                 started: float, log: LogFn, on_step: Callable[[analysis.StepAnalysis], None] | None = None) -> None:
+                 started: float, log: LogFn, on_step: Callable[[analysis.StepAnalysis], None] | None = None,
+                 on_hold: Callable[[analysis.StepAnalysis], str] | None = None) -> None:
         self.t = target
         self.cfg = target.spec.config.canary
         self.version, self.deploy_id, self.app_env = version, deploy_id, app_env
         self.report, self.started, self.log = report, started, log
         self.on_step = on_step or (lambda _s: None)
+        self.on_hold = on_hold or (lambda _s: "")
         self.offset = 0
 
     def run(self, old: list[Instance], members: dict[str, int]) -> list[str]:
@@ -74,6 +78,11 @@ class CanaryRollout:
                 word = "failed" if result.verdict == analysis.FAIL else "stayed inconclusive"
                 raise CanaryFailed(f"canary analysis {word} at step {i} ({step.weight}% of the requests): "
                                    f"{result.summary()}; all requests went back to the stable version", self.report)
+            # A hold (approval at this step): the canary keeps its share until someone decides; "" carries on.
+            stopped = self.on_hold(result)
+            if stopped:
+                raise CanaryFailed(f"canary stopped at step {i} ({step.weight}% of the requests): {stopped}; all "
+                                   "requests went back to the stable version", self.report)
         # Promotion: every request to the new version, then each old instance leaves as in the rolling deploy.
         for name in stable:
             members.pop(name, None)

@@ -375,10 +375,10 @@ class Pm2Target(DeployTarget):
             raise RolloutError(f"front proxy: {exc}", RolloutReport(self.spec.version, [])) from None
 
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
-                surge_all: bool = False, on_canary_step=None) -> RolloutReport:
+                surge_all: bool = False, on_canary_step=None, on_canary_hold=None) -> RolloutReport:
         """The rolling deploy; with `canary.steps` in the spec (and a version serving), the canary rollout
-        (canary_rollout.py); `on_canary_step(StepAnalysis)` hears each step's verdict. Rollbacks (`surge_all`) never
-        take canary steps."""
+        (canary_rollout.py); `on_canary_step(StepAnalysis)` hears each step's verdict, `on_canary_hold(StepAnalysis)`
+        may hold a passed step and returns why to stop ("" carries on). Rollbacks (`surge_all`) take no canary steps."""
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
         old = [i for i in self.serving()]
@@ -397,7 +397,8 @@ class Pm2Target(DeployTarget):
             f"{', '.join(f'{i.name}[{i.status}]' for i in old) or 'nothing'}")
         try:
             if self.spec.config.canary.enabled and not surge_all and members:
-                new = CanaryRollout(self, version, deploy_id, app_env, report, started, log, on_canary_step).run(old, members)
+                new = CanaryRollout(self, version, deploy_id, app_env, report, started, log, on_canary_step,
+                                    on_canary_hold).run(old, members)
             else:
                 if self.spec.config.canary.enabled and not surge_all:
                     log("canary: no version is serving yet, so there is nothing to compare with: rolling deploy")
