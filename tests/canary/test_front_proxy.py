@@ -76,3 +76,43 @@ def test_weights_split_the_requests_and_every_request_is_a_json_line(proxy):
     httpx.get(f"http://127.0.0.1:{nginx.listen_port}/x", timeout=5)
     time.sleep(0.2)
     assert "least_conn;" in nginx.conf.read_text() and nginx.read_access_log(offset) == ([], offset)
+
+
+def test_an_inconclusive_step_holds_and_widens_its_window_until_traffic_comes(proxy):
+    """CanaryRollout's judging loop against real nginx records: no traffic at first (inconclusive, held past the
+    pause), then enough traffic: the same step passes on its widened window. (The holder of `spec` and `nginx` stands
+    in for the PM2 target, whose other parts play no role in judging.)"""
+    from types import SimpleNamespace
+
+    from ops_pipeline.platform.spec import ReleaseConfig, ReleaseSpec
+    from ops_pipeline.targets.base import RolloutReport
+    from ops_pipeline.targets.pm2.canary_rollout import CanaryRollout
+
+    nginx, (stable, _) = proxy
+    other = Backend(200)  # a good canary this time
+    try:
+        cfg = ReleaseConfig(canary={"steps": [{"weight": 50, "pause_s": 1.0}],
+                                    "analysis": {"min_requests": 20, "max_inconclusive_s": 15}})
+        target = SimpleNamespace(spec=ReleaseSpec(config=cfg, version="v2", app_dir=""), nginx=nginx)
+        logged: list[str] = []
+        rollout = CanaryRollout(target, "v2", "d", {}, RolloutReport("v2", []), time.monotonic(), logged.append)
+        servers = [(stable.server_port, "stable"), (other.server_port, "canary")]
+        nginx.reset_access_log()
+        nginx.apply(servers, print, weights={stable.server_port: 1, other.server_port: 1}, access_log=True)
+        groups = {f"127.0.0.1:{stable.server_port}": c.STABLE, f"127.0.0.1:{other.server_port}": c.CANARY}
+
+        def traffic_later():
+            time.sleep(3.0)
+            for _ in range(60):
+                httpx.get(f"http://127.0.0.1:{nginx.listen_port}/x", timeout=5)
+
+        sender = threading.Thread(target=traffic_later)
+        sender.start()
+        t0 = time.monotonic()
+        result = rollout._judge(1, cfg.canary.steps[0], groups, {"s": stable.server_port}, {"c": other.server_port})
+        sender.join()
+        assert result.verdict == c.PASS and result.canary.requests >= 20 and result.stable.requests >= 20
+        assert result.window_s > 3.0 and time.monotonic() - t0 > 3.0  # held past its 1 s pause
+        assert any("inconclusive, holding" in line for line in logged)
+    finally:
+        other.shutdown()
