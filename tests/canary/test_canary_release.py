@@ -31,7 +31,7 @@ pytestmark = pytest.mark.xdist_group("canary")
 
 RATE = 150  # requests/s through the front proxy: a 10% step gives the canary ~15/s
 ANALYSIS = {"min_requests": 30, "max_error_rate": 0.01, "max_error_rate_increase": 0.005, "max_p95_ratio": 2.0,
-            "p95_floor_ms": 5.0, "max_inconclusive_s": 4.0}
+            "p95_floor_ms": 20.0, "max_inconclusive_s": 4.0}  # floor: a loaded 2-core machine has 10-30 ms p95 spikes
 STEPS = [{"weight": 10, "pause_s": 4.0}, {"weight": 50, "pause_s": 3.0}]
 
 
@@ -155,7 +155,7 @@ def test_a_canary_answering_5_percent_500s_is_aborted_at_its_first_step(canary_e
 def test_a_canary_3x_slower_at_p95_is_aborted(canary_env, app_variant):
     env = canary_env
     stable = env.serving_version()
-    slow = app_variant("canary-slow", variants.slower(60))
+    slow = app_variant("canary-slow", variants.slower(150))
     with Load(env.port, rate=RATE) as load:
         result = env.release(slow, "v-slow", canary={"steps": STEPS, "analysis": ANALYSIS})
     out = assert_aborted_to(env, result, stable, "v-slow")
