@@ -22,7 +22,7 @@ LAUNCH = $(BIN)/python -m ops_pipeline.platform.run_report launch $(if $(VERBOSE
 
 SPEC ?= presets/$(ENVIRONMENT).yaml
 
-.PHONY: setup nginx demo release plan rollback backup drill ui test test-fast validate init status down clean
+.PHONY: setup nginx pgbackrest demo release plan rollback backup drill ui test test-fast validate init status down clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,7 +47,14 @@ nginx:
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nginx >/dev/null; \
 	  else echo "nginx is needed (the front proxy of every environment): install it, e.g. sudo apt-get install nginx"; exit 1; fi; }
 
-setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml nginx
+# pgBackRest (Debian's package) archives WAL and restores to a point in time (app.database.backups: archive).
+pgbackrest:
+	@command -v pgbackrest >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends pgbackrest >/dev/null; \
+	  else echo "pgbackrest is needed for archive mode backups: install it, e.g. sudo apt-get install pgbackrest"; fi; }
+
+setup: $(VENV)/.installed tools/node_modules/.installed $(DAGSTER_HOME)/dagster.yaml nginx pgbackrest
 
 ## demo: release examples/node-api to the `local` environment on the embedded stack, through `dg launch`.
 demo: setup

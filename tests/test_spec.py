@@ -165,3 +165,21 @@ def test_rollback_to_an_invalid_release_record_fails_before_any_side_effect(inst
     assert "release record of v1" in msg and "target.instances" in msg
     started = {e.step_key for e in r.all_events if e.event_type_value == "STEP_START"}
     assert started == {"plan_rollback"}
+
+
+def test_a_pm2_home_too_deep_for_its_unix_sockets_is_refused_before_anything_starts(monkeypatch, tmp_path):
+    """PM2's daemon binds <PM2_HOME>/interactor.sock: past 107 bytes it cannot, and every pm2 command hung while the
+    daemon spun at 25% CPU. The spec check names the folder and the limit instead."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    monkeypatch.setenv("OPS_STATE_DIR", str(deep))
+    problems = validate_release_config(ReleaseConfig(environment="staging"), check_paths=False)
+    assert any(p.startswith("the state folder (OPS_STATE_DIR): PM2's socket") and "107-byte limit" in p
+               for p in problems), problems
+    explicit = ReleaseConfig(environment="staging", target={"pm2": {"home": str(deep / "pm2")}})
+    assert any(p.startswith("target.pm2.home:") for p in validate_release_config(explicit, check_paths=False))
+    monkeypatch.setenv("OPS_STATE_DIR", "/tmp/ops")
+    assert not [p for p in validate_release_config(ReleaseConfig(environment="staging"), check_paths=False)
+                if "socket" in p]
+    docker = ReleaseConfig(environment="staging", target={"kind": "docker"})
+    monkeypatch.setenv("OPS_STATE_DIR", str(deep))
+    assert not [p for p in validate_release_config(docker, check_paths=False) if "socket" in p]

@@ -20,6 +20,13 @@ and only a backup with a manifest exists.
     switch.py      the restored database takes the live one's name (the live one is kept aside)
     pg_archive.py  the TOC of a pg_dump custom archive, read from a stream
 
+Archive mode (app.database.backups: archive), continuous WAL archiving instead of dumps:
+
+    pgbackrest.py  the one class running pgBackRest (why pgBackRest: its docstring)
+    archiving.py   the server side: finding it, turning archiving on, the release's restore point, WAL gaps
+    pitr.py        point-in-time restore into a new data folder and server, the switch-over
+    archive_ops.py / pitr_ops.py   what the backup and restore_point_in_time jobs do with them
+
 Everything the rest of the code uses is importable from `ops_pipeline.backup`.
 """
 

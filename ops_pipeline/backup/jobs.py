@@ -12,6 +12,7 @@ from ops_pipeline.backup.ops import (
     prune_backups,
     restore_into_new_database,
 )
+from ops_pipeline.backup.pitr_ops import restore_point_in_time
 
 
 @dg.job(
@@ -47,3 +48,17 @@ def restore_drill_job():
 )
 def restore_database_job():
     restore_into_new_database()
+
+
+@dg.job(
+    name="restore_point_in_time",
+    description=(
+        "Point-in-time restore of an environment whose WAL is archived (app.database.backups: archive): to the latest "
+        "WAL, a time or a restore point, into a NEW data folder, verified. Switches over only with switch_over and the "
+        "live data folder typed in confirm_data_dir."
+    ),
+    executor_def=dg.in_process_executor,
+    tags={"ops/kind": "restore"},
+)
+def restore_point_in_time_job():
+    restore_point_in_time()

@@ -29,6 +29,9 @@ def newest_verified(store: BackupStore, scope: str) -> dict | None:
 
 
 def find_backup(store: BackupStore, scope: str, backup_id: str = "") -> dict:
+    if backup_id.startswith("restore-point:"):  # a release's safety point in archive mode (archive_ops.py)
+        raise BackupError(f"{backup_id} is a restore point of the WAL archive, not a dump: restore it with the "
+                          f"restore_point_in_time job (target: name, target_value: {backup_id.split(':', 1)[1]})")
     if backup_id:
         try:
             m = store.get_json(scope, backup_id, MANIFEST_NAME)

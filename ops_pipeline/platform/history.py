@@ -42,6 +42,10 @@ def materialization(environment: str, event: str, version: str, *, run_id: str =
         metadata["run"] = dg.MetadataValue.dagster_run(run_id)
     if url:
         metadata["url"] = dg.MetadataValue.url(url)
+    backup_id = str(fields.get("backup_id") or "")
+    if backup_id.startswith("restore-point:") and "restore_point" not in fields:
+        # archive mode: the release's safety point is a named restore point, restored by restore_point_in_time
+        fields = {**fields, "restore_point": backup_id.split(":", 1)[1]}
     for key, value in fields.items():
         if value is None:
             continue

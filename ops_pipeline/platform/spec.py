@@ -11,6 +11,7 @@ spec (a run config file, see `presets/`), not code. `verify_env` validates the w
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from enum import Enum
@@ -138,8 +139,28 @@ class RedisVarsConfig(ConnectionVarsConfig):
     url: str = Field("REDIS_URL", description="Variable that receives the whole URL (empty: parts only).")
 
 
+class ArchiveConfig(dg.Config):
+    """Continuous WAL archiving with pgBackRest (`backups: archive`): the server must run on the Dagster host."""
+
+    admin_url_from: str = Field("", description="A superuser's URL of the same server (env:NAME or file:/path; empty: "
+                                "the app's database URL, whose role must then be a superuser): restore points, archive "
+                                "status and base backups need one.")
+    cipher_key_from: str = Field("", description="Key encrypting the archive repository (aes-256-cbc): env:NAME or "
+                                 "file:/path, never stored with the backups; empty: unencrypted.")
+    repo_dir: str = Field("", description="pgBackRest repository folder (empty: <backup folder>/pgbackrest).")
+    retention_full: int = Field(2, description="Full base backups kept; WAL is kept from the oldest kept one on.")
+    archive_timeout_s: int = Field(60, description="archive_timeout: the longest a written change waits before its WAL "
+                                   "segment is archived (the recovery point objective under light writes).")
+
+
 class DatabaseConfig(dg.Config):
     """The environment's PostgreSQL and how the app receives it."""
+
+    backups: str = Field("dump", description="dump: a verified pg_dump before each release and nightly (any PostgreSQL, "
+                         "managed ones too). archive: continuous WAL archiving with pgBackRest (the server must run on "
+                         "this host); a release records a named restore point instead of a dump, and restore_point_in_time "
+                         "restores to any moment.")
+    archive: ArchiveConfig = Field(default_factory=ArchiveConfig, description="Settings of backups: archive.")
 
     url_from: str = Field("env:DATABASE_URL", description="Where the environment's PostgreSQL URL comes from: "
                           "env:NAME (the Dagster process environment) or file:/path. An unset env:NAME on a non-production "
@@ -263,6 +284,25 @@ class KubernetesTargetConfig(dg.Config):
     progress_deadline_s: float = Field(600.0, description="Give up on a rollout after this long.")
 
 
+class HostConfig(dg.Config):
+    """One machine the service runs on, reached over SSH (its host key pinned in target.known_hosts)."""
+
+    address: str = Field(description="IP address or DNS name the pipeline reaches the host on.")
+    name: str = Field("", description="Short name shown in logs, history and status (default: the address).")
+    user: str = Field("deploy", description="SSH user.")
+    port: int = Field(22, description="SSH port.")
+    key_file: str = Field("", description="Private key file (absolute path); empty: the SSH agent (SSH_AUTH_SOCK).")
+    roles: list[str] = Field(["web"], description="web (serves traffic) and/or migrate (the one host that runs the "
+                             "migration).")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.address
+
+
+HOST_ROLES = ("web", "migrate")
+
+
 class TargetConfig(dg.Config):
     """Where the service runs and how many instances serve it."""
 
@@ -274,6 +314,10 @@ class TargetConfig(dg.Config):
     pm2: Pm2Config = Field(default_factory=Pm2Config)
     docker: DockerTargetConfig = Field(default_factory=DockerTargetConfig)
     kubernetes: KubernetesTargetConfig = Field(default_factory=KubernetesTargetConfig)
+    hosts: list[HostConfig] = Field([], description="The machines the service runs on, over SSH (empty: this machine).")
+    known_hosts: str = Field("", description="known_hosts file pinning every host's SSH key (required with hosts; a "
+                             "host whose key is not in it is refused, never trusted on first contact).")
+    ssh_timeout_s: float = Field(10.0, description="Timeout of an SSH connection (TCP, banner, authentication).")
 
 
 class GateConfig(dg.Config):
@@ -429,6 +473,7 @@ def validate_app_environment(app: AppConfig, *, production: bool, problems: list
     for name in app.required_env:
         if name in owners:
             problems.append(f"app.required_env: {name} is already set by {owners[name]}")
+    _check_backups(app.database, problems)
     for fname in ("embedded_database", "embedded_role"):
         value = getattr(app.database, fname)
         if not re.match(r"^[a-z_][a-z0-9_]{0,62}\Z", value or ""):
@@ -454,6 +499,9 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     _check_release(cfg, problems)
     _check_app(cfg, check_paths, problems)
     _check_target(cfg.target, cfg.app, problems)
+    _check_hosts(cfg.target, check_paths, problems)
+    if cfg.target.kind == DeployTargetKind.pm2 and ENV_NAME.match(cfg.environment or ""):
+        _check_pm2_home(cfg, problems)
     _check_gate(cfg.gate, problems)
     _check_canary(cfg, problems)
     return problems
@@ -496,6 +544,61 @@ def _check_canary(cfg: ReleaseConfig, problems: list[str]) -> None:
             problems.append(f"canary.analysis.{fname}: {getattr(a, fname)!r} is not a Prometheus name")
 
 
+def _check_hosts(t: TargetConfig, check_paths: bool, problems: list[str]) -> None:
+    if not t.hosts:
+        return
+    if not t.known_hosts:
+        problems.append("target.known_hosts: required with target.hosts (a known_hosts file pinning every host's key; "
+                        "get a key with `ssh-keyscan -p PORT ADDRESS` and check its fingerprint out of band)")
+    elif check_paths and not paths.resolve(t.known_hosts).is_file():
+        problems.append(f"target.known_hosts: {t.known_hosts!r} is not a file")
+    if _bad_number(t.ssh_timeout_s, 0, strict=True):
+        problems.append(f"target.ssh_timeout_s: must be > 0 (got {t.ssh_timeout_s})")
+    seen: dict[tuple[str, int], int] = {}
+    labels: dict[str, int] = {}
+    for n, h in enumerate(t.hosts):
+        where = f"target.hosts[{n}]"
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}\Z", h.address or ""):
+            problems.append(f"{where}.address: {h.address!r} is not a host name or IP address")
+        if not re.match(r"^[a-z_][a-z0-9_-]{0,31}\Z", h.user or ""):
+            problems.append(f"{where}.user: {h.user!r} is not a user name")
+        if not (1 <= h.port <= 65535):
+            problems.append(f"{where}.port: must be between 1 and 65535 (got {h.port})")
+        if h.key_file and not h.key_file.startswith("/"):
+            problems.append(f"{where}.key_file: {h.key_file!r} must be an absolute path")
+        elif h.key_file and check_paths and not Path(h.key_file).is_file():
+            problems.append(f"{where}.key_file: {h.key_file!r} is not a file")
+        unknown = sorted(set(h.roles) - set(HOST_ROLES))
+        if unknown or not h.roles:
+            problems.append(f"{where}.roles: {h.roles} (known roles: {', '.join(HOST_ROLES)}; at least one)")
+        if (h.address, h.port) in seen:
+            problems.append(f"{where}: {h.address}:{h.port} is listed twice (also target.hosts[{seen[h.address, h.port]}])")
+        seen.setdefault((h.address, h.port), n)
+        if h.label in labels:
+            problems.append(f"{where}.name: {h.label!r} names two hosts (also target.hosts[{labels[h.label]}])")
+        labels.setdefault(h.label, n)
+    if not any("web" in h.roles for h in t.hosts):
+        problems.append("target.hosts: no host has the web role (nothing would serve)")
+    migrate = [h.label for h in t.hosts if "migrate" in h.roles]
+    if len(migrate) > 1:
+        problems.append(f"target.hosts: the migrate role is on {len(migrate)} hosts ({', '.join(migrate)}); the "
+                        "migration runs once, on one host")
+
+
+UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes with the terminating NUL
+
+
+def _check_pm2_home(cfg: ReleaseConfig, problems: list[str]) -> None:
+    """PM2 talks to its daemon over Unix sockets in PM2_HOME; past 107 bytes the daemon cannot bind them and every
+    `pm2` command hangs while the daemon spins (seen with a deep state folder). Refused before anything starts."""
+    home = Path(cfg.target.pm2.home) if cfg.target.pm2.home else paths.environment_dir(cfg.environment) / "pm2"
+    longest = home / "interactor.sock"
+    if len(os.fsencode(longest)) > UNIX_SOCKET_PATH_MAX:
+        field = "target.pm2.home" if cfg.target.pm2.home else "the state folder (OPS_STATE_DIR)"
+        problems.append(f"{field}: PM2's socket {longest} would be {len(os.fsencode(longest))} bytes, over the "
+                        f"{UNIX_SOCKET_PATH_MAX}-byte limit of a Unix socket path; use a shorter folder")
+
+
 def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
     if not ENV_NAME.match(cfg.environment or ""):
         problems.append(
@@ -516,6 +619,21 @@ def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
                         f"(got {cfg.approval.before!r}{hint})")
     if _bad_number(cfg.approval.timeout_s, 0, strict=True):
         problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
+
+
+def _check_backups(db: DatabaseConfig, problems: list[str]) -> None:
+    if db.backups not in ("dump", "archive"):
+        problems.append(f"app.database.backups: must be dump or archive (got {db.backups!r})")
+    for fname in ("admin_url_from", "cipher_key_from"):
+        ref = getattr(db.archive, fname)
+        if ref and (not SECRET_REF.match(ref) or ref == "generate"):
+            problems.append(f"app.database.archive.{fname}: {ref!r} must be env:NAME or file:/absolute/path")
+    if db.archive.repo_dir and not db.archive.repo_dir.startswith("/"):
+        problems.append(f"app.database.archive.repo_dir: {db.archive.repo_dir!r} must be an absolute path")
+    if not 1 <= db.archive.retention_full <= 100:
+        problems.append(f"app.database.archive.retention_full: must be between 1 and 100 (got {db.archive.retention_full})")
+    if not 1 <= db.archive.archive_timeout_s <= 3600:
+        problems.append(f"app.database.archive.archive_timeout_s: must be between 1 and 3600 (got {db.archive.archive_timeout_s})")
 
 
 def _check_app(cfg: ReleaseConfig, check_paths: bool, problems: list[str]) -> None:

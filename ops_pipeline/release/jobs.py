@@ -14,6 +14,7 @@ from ops_pipeline.release.approval import record_approval
 from ops_pipeline.release.ops.artifact import build_image
 from ops_pipeline.release.ops.deploy import rolling_deploy
 from ops_pipeline.release.ops.health import health_gate
+from ops_pipeline.release.ops.hosts import verify_hosts
 from ops_pipeline.release.ops.migrate import migrate_database
 from ops_pipeline.release.ops.plan import plan_release
 from ops_pipeline.release.ops.preflight import verify_env
@@ -86,3 +87,18 @@ def plan():
 )
 def approve_release():
     record_approval()
+
+
+@dg.job(
+    name="check_hosts",
+    description=("Checks every host of a release spec over SSH: pinned host key, login, node and pm2, free disk, clock. "
+                 "Changes nothing. Takes the release's own spec file (ops.verify_env.config)."),
+    executor_def=dg.in_process_executor,
+    tags={"ops/kind": "check"},
+    config=dg.ConfigMapping(
+        config_fn=lambda c: {"ops": {"verify_hosts": {"config": c["ops"]["verify_env"]["config"]}}},
+        config_schema={"ops": {"verify_env": {"config": verify_hosts.config_schema.as_field()}}},
+    ),
+)
+def check_hosts_job():
+    verify_hosts()

@@ -77,6 +77,10 @@ def verify_env(
     redis: RedisResource,
 ) -> ReleaseSpec:
     check_release_config(config)
+    if config.target.hosts:
+        raise failure("target.hosts: this version of ops-pipeline checks hosts (the check_hosts job: SSH with pinned "
+                      "keys, node, pm2, disk, clock) but does not deploy to them yet; without target.hosts the "
+                      "release runs on this machine. Nothing was done.")
     app = config.app
     app_dir = paths.resolve(app.path)
     env = resolve_app_env(config, local_stack)
