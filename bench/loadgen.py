@@ -34,6 +34,7 @@ class LoadResult:
     resent_ok: int = 0
     seconds: float = 0.0
     versions: dict = field(default_factory=dict)
+    failed_versions: dict = field(default_factory=dict)  # non-2xx answers by the X-App-Version that gave them
     samples: list = field(default_factory=list)  # first few failures, for the report
 
     @property
@@ -91,6 +92,7 @@ def _worker(host: str, port: int, path: str, keepalive: bool, interval: float, s
                 out["ok"] += 1
             else:
                 out["non_2xx"] += 1
+                out["failed_versions"][version or "?"] = out["failed_versions"].get(version or "?", 0) + 1
                 if len(out["samples"]) < 10:
                     out["samples"].append(f"HTTP {status}")
             if version:
@@ -111,7 +113,7 @@ def _resend(host: str, port: int, path: str) -> bool:
 def _run(host: str, port: int, path: str, workers: int, rate: float, stop_evt, queue) -> None:
     stop = threading.Event()
     lock = threading.Lock()
-    out = {"requests": 0, "ok": 0, "non_2xx": 0, "errors": 0, "stale_keepalive": 0, "resent_ok": 0, "versions": {},
+    out = {"requests": 0, "ok": 0, "non_2xx": 0, "errors": 0, "stale_keepalive": 0, "resent_ok": 0, "versions": {}, "failed_versions": {},
            "samples": []}
     interval = workers / rate
     threads = [threading.Thread(target=_worker, args=(host, port, path, i % 2 == 0, interval, stop, out, lock), daemon=True)

@@ -222,6 +222,8 @@ class AppConfig(dg.Config):
     instance_env: dict[str, str] = Field({}, description="Per-instance variables; {slot}, {port} and {instance_dir} "
                                          "(a folder kept for that slot across releases) are replaced.")
     health_path: str = Field("/health", description="Health endpoint: a 2xx answer (JSON or text) when healthy.")
+    metrics_path: str = Field("", description="Optional: the app's Prometheus metrics (e.g. /metrics). A canary's "
+                              "analysis then also reads its request-duration histogram (canary.analysis.metrics_*).")
     health_version: str = Field("json:version", description="Where the health answer reports the running version, "
                                 "checked against the release's: json:<field.path>, header:<Name>, or off.")
     version_env: str = Field("APP_VERSION", description="Variable through which the app learns the release version it runs.")
@@ -339,8 +341,50 @@ class ApprovalConfig(dg.Config):
 
     required: bool = Field(False, description="Hold the release until the approve_release job promotes or aborts it.")
     before: str = Field("migrate", description="The step it holds before: migrate (nothing irreversible has happened "
-                                              "yet; the backup is taken) or deploy (the schema is already migrated).")
+                                              "yet; the backup is taken), deploy (the schema is already migrated), or "
+                                              "canary-<weight> (e.g. canary-50: at that canary step, once its analysis "
+                                              "passed, the canary serving its share; abort = a failed analysis).")
     timeout_s: float = Field(3600.0, description="No decision within this time aborts the release.")
+
+
+class CanaryStepConfig(dg.Config):
+    """One canary step: the new version gets `weight` percent of the requests for at least `pause_s`, then the
+    analysis judges it."""
+
+    weight: int = Field(description="Share of the requests the new version gets in this step, in percent (1..99).")
+    pause_s: float = Field(30.0, description="How long the step lasts before its analysis (the analysis window).")
+
+
+class CanaryAnalysisConfig(dg.Config):
+    """How a canary step is judged: the canary's requests against the stable version's over the same window."""
+
+    min_requests: int = Field(50, description="Fewer requests than this in either group: inconclusive (the step holds).")
+    max_error_rate: float = Field(0.01, description="Highest share of 5xx answers the canary may give (0..1).")
+    max_error_rate_increase: float = Field(0.005, description="Highest canary 5xx share minus the stable's (0..1).")
+    max_p95_ratio: float = Field(1.5, description="Highest canary p95 latency / stable p95 latency.")
+    p95_floor_ms: float = Field(5.0, description="A stable p95 below this counts as this in the ratio (nginx logs "
+                                "latency to the millisecond: at 1-2 ms a ratio is noise).")
+    max_p95_ms: float = Field(0.0, description="Highest canary p95 latency in ms (0: no absolute limit).")
+    max_inconclusive_s: float = Field(120.0, description="How long a step may stay inconclusive past its pause "
+                                      "before the release fails as inconclusive.")
+    metrics_histogram: str = Field("http_request_duration_seconds", description="The app's request-duration "
+                                   "histogram (seconds), read when app.metrics_path is set.")
+    metrics_status_label: str = Field("status_code", description="Label of that histogram holding the HTTP status.")
+
+
+class CanaryConfig(dg.Config):
+    """Canary steps judged by real traffic (PM2 target): every new instance starts and must be healthy on its own,
+    then the front proxy gives the new version each step's share of the requests; after each step's pause its
+    requests are compared with the stable version's. A failed analysis sends all traffic back to the stable version
+    at once and fails the release; after the last step the new version gets everything. No steps: no canary."""
+
+    steps: list[CanaryStepConfig] = Field([], description="e.g. [{weight: 10, pause_s: 30}, {weight: 50, pause_s: 30}]: "
+                                          "weights strictly increasing, 1..99 (100% is the promotion after the last).")
+    analysis: CanaryAnalysisConfig = Field(default_factory=CanaryAnalysisConfig)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.steps)
 
 
 class ReleaseConfig(dg.Config):
@@ -359,6 +403,8 @@ class ReleaseConfig(dg.Config):
     target: TargetConfig = Field(default_factory=TargetConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     approval: ApprovalConfig = Field(default_factory=ApprovalConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="Canary steps judged by real traffic "
+                                 "(empty steps: the rolling deploy as usual). PM2 target only for now.")
 
 
 class SpecError(ValueError):
@@ -464,7 +510,45 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     if cfg.target.kind == DeployTargetKind.pm2 and ENV_NAME.match(cfg.environment or ""):
         _check_pm2_home(cfg, problems)
     _check_gate(cfg.gate, problems)
+    _check_canary(cfg, problems)
     return problems
+
+
+def _check_canary(cfg: ReleaseConfig, problems: list[str]) -> None:
+    c = cfg.canary
+    if not c.enabled:
+        return
+    if cfg.target.kind != DeployTargetKind.pm2:
+        problems.append(f"canary: not supported on the {cfg.target.kind.value} target yet (PM2 only); remove "
+                        "canary.steps to release with a rolling deploy")
+    previous = 0
+    for i, step in enumerate(c.steps):
+        if not (1 <= step.weight <= 99):
+            problems.append(f"canary.steps[{i}].weight: must be between 1 and 99 (got {step.weight}; 100 is the "
+                            "promotion after the last step)")
+        elif step.weight <= previous:
+            problems.append(f"canary.steps[{i}].weight: weights must increase strictly ({step.weight} after {previous})")
+        previous = max(previous, step.weight)
+        if _bad_number(step.pause_s, 0, strict=True):
+            problems.append(f"canary.steps[{i}].pause_s: must be > 0 (got {step.pause_s})")
+    a = c.analysis
+    if a.min_requests < 1:
+        problems.append(f"canary.analysis.min_requests: must be >= 1 (got {a.min_requests})")
+    for fname in ("max_error_rate", "max_error_rate_increase"):
+        value = getattr(a, fname)
+        if _bad_number(value, 0) or value > 1:
+            problems.append(f"canary.analysis.{fname}: must be a share between 0 and 1 (got {value})")
+    if _bad_number(a.max_p95_ratio, 1):
+        problems.append(f"canary.analysis.max_p95_ratio: must be >= 1 (got {a.max_p95_ratio})")
+    for fname in ("p95_floor_ms", "max_p95_ms", "max_inconclusive_s"):
+        if _bad_number(getattr(a, fname), 0):
+            problems.append(f"canary.analysis.{fname}: must be >= 0 (got {getattr(a, fname)})")
+    if cfg.app.metrics_path and (not cfg.app.metrics_path.startswith("/")
+                                 or any(ch.isspace() or not ch.isprintable() for ch in cfg.app.metrics_path)):
+        problems.append(f"app.metrics_path: must start with '/' and hold no spaces (got {cfg.app.metrics_path!r})")
+    for fname in ("metrics_histogram", "metrics_status_label"):
+        if not re.match(r"^[a-zA-Z_][a-zA-Z0-9_]*\Z", getattr(a, fname) or ""):
+            problems.append(f"canary.analysis.{fname}: {getattr(a, fname)!r} is not a Prometheus name")
 
 
 def _check_hosts(t: TargetConfig, check_paths: bool, problems: list[str]) -> None:
@@ -535,8 +619,11 @@ def _check_release(cfg: ReleaseConfig, problems: list[str]) -> None:
         problems.append(f"lock_wait_s: must be >= 0 (got {cfg.lock_wait_s})")
     if _bad_number(cfg.dependency_timeout_s, 0, strict=True):
         problems.append(f"dependency_timeout_s: must be > 0 (got {cfg.dependency_timeout_s})")
-    if cfg.approval.before not in ("migrate", "deploy"):
-        problems.append(f"approval.before: must be migrate or deploy (got {cfg.approval.before!r})")
+    stages = ["migrate", "deploy", *(f"canary-{s.weight}" for s in cfg.canary.steps)]
+    if cfg.approval.before not in stages:
+        hint = "; canary-<weight> names a step of canary.steps" if cfg.approval.before.startswith("canary-") else ""
+        problems.append(f"approval.before: must be {', '.join(stages[:-1])} or {stages[-1]} "
+                        f"(got {cfg.approval.before!r}{hint})")
     if _bad_number(cfg.approval.timeout_s, 0, strict=True):
         problems.append(f"approval.timeout_s: must be > 0 (got {cfg.approval.timeout_s})")
 

@@ -69,6 +69,7 @@ class RolloutReport:
     finished_at: float = 0.0
     instances: list[str] = field(default_factory=list)
     standby: dict = field(default_factory=dict)  # Standby.to_json() of what the rollout left warm (empty: none)
+    canary: list[dict] = field(default_factory=list)  # each canary step's analysis (figures, verdict), in order
 
     def add(self, action: str, instance: str, version: str, started: float, detail: str = "") -> None:
         self.steps.append(RolloutStep(action, instance, version, round(time.monotonic() - started, 3), detail))

@@ -53,6 +53,7 @@ from ops_pipeline.platform.redaction import Redactor
 from ops_pipeline.platform.spec import ReleaseSpec
 from ops_pipeline.targets.base import Artifact, DeployTarget, Instance, LogFn, RolloutError, RolloutReport, rollout_plan
 from ops_pipeline.targets.nginx import HostNginx, NginxError
+from ops_pipeline.targets.pm2.canary_rollout import CanaryRollout
 from ops_pipeline.targets.pm2.standby import Pm2Standby, StandbyStore
 from ops_pipeline.targets.procs import established_to
 
@@ -387,22 +388,30 @@ class Pm2Target(Pm2Standby, DeployTarget):
     def _upstream(members: dict[str, int]) -> list[tuple[int, str]]:
         return [(port, name) for name, port in sorted(members.items(), key=lambda kv: kv[1])]
 
-    def _route(self, members: dict[str, int], log: LogFn) -> set[int]:
-        """nginx routes to exactly `members` from now on; returns the previous worker generation (still finishing)."""
+    def _route(self, members: dict[str, int], log: LogFn, weights: dict[str, int] | None = None,
+               access_log: bool = False) -> set[int]:
+        """nginx routes to exactly `members` from now on (a canary step: split by `weights`, name -> nginx weight, and
+        logged per request); returns the previous worker generation (still finishing)."""
+        by_port = {members[n]: w for n, w in (weights or {}).items() if n in members}
         try:
-            return self.nginx.apply(self._upstream(members), log)
+            return self.nginx.apply(self._upstream(members), log, weights=by_port, access_log=access_log)
         except NginxError as exc:
             raise RolloutError(f"front proxy: {exc}", RolloutReport(self.spec.version, [])) from None
 
     def rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
-                surge_all: bool = False) -> RolloutReport:
-        with self.standby_store.rollout():  # a sensor's traffic switch never touches a rollout in progress
-            report = self._rollout(artifact, version, app_env, log, surge_all=surge_all)
+                surge_all: bool = False, on_canary_step=None, on_canary_hold=None) -> RolloutReport:
+        """The rolling deploy; with `canary.steps` in the spec (and a version serving), the canary rollout
+        (canary_rollout.py); `on_canary_step(StepAnalysis)` hears each step's verdict, `on_canary_hold(StepAnalysis)`
+        may hold a passed step and returns why to stop ("" carries on). Rollbacks (`surge_all`) take no canary steps.
+        The rollout holds the environment's standby lock: a sensor's traffic switch never touches it."""
+        with self.standby_store.rollout():
+            report = self._rollout(artifact, version, app_env, log, surge_all=surge_all,
+                                   on_canary_step=on_canary_step, on_canary_hold=on_canary_hold)
             report.standby = self._seal_standby(report, log)
             return report
 
     def _rollout(self, artifact: Artifact, version: str, app_env: dict[str, str], log: LogFn, *,
-                 surge_all: bool = False) -> RolloutReport:
+                 surge_all: bool = False, on_canary_step=None, on_canary_hold=None) -> RolloutReport:
         self.prepare(artifact, version, log)
         deploy_id = uuid.uuid4().hex[:12]
         self._generation = deploy_id
@@ -421,7 +430,13 @@ class Pm2Target(Pm2Standby, DeployTarget):
             f"({'all new instances at once' if surge_all else 'one at a time'}); serving now: "
             f"{', '.join(f'{i.name}[{i.status}]' for i in old) or 'nothing'}")
         try:
-            new = self._surge(version, deploy_id, old, members, app_env, report, started, log, surge_all=surge_all)
+            if self.spec.config.canary.enabled and not surge_all and members:
+                new = CanaryRollout(self, version, deploy_id, app_env, report, started, log, on_canary_step,
+                                    on_canary_hold).run(old, members)
+            else:
+                if self.spec.config.canary.enabled and not surge_all:
+                    log("canary: no version is serving yet, so there is nothing to compare with: rolling deploy")
+                new = self._surge(version, deploy_id, old, members, app_env, report, started, log, surge_all=surge_all)
         except (RolloutError, CommandError, OSError) as exc:
             detail = str(exc)
             tail = getattr(exc, "log_tail", "")  # CommandError/OSError have none
