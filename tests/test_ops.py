@@ -161,3 +161,13 @@ def test_rolling_deploy_and_health_gate_ops(node_app, local_stack, instance, env
     assert out["gate"]["probes"] >= 3 and out["gate"]["instances_checked"] == 2
     # the gate's history entry is logged as an event by the op; in a real run it lands in deployments/<env>
     assert history.asset_key(environment_name).path == ["deployments", environment_name]
+
+
+def test_rollback_advice_names_the_job_that_restores_the_releases_safety_point():
+    from ops_pipeline.release.ops.rollback import restore_advice
+
+    dump = restore_advice("local-20261204T101010Z-ab12")
+    assert "restore_database job (backup_id: local-20261204T101010Z-ab12)" in dump and "restore_point_in_time" not in dump
+    point = restore_advice("restore-point:release-v2-20261204T101010Z")
+    assert "restore_point_in_time job (target: name, target_value: release-v2-20261204T101010Z)" in point
+    assert "restore_database" not in point

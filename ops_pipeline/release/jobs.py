@@ -51,7 +51,8 @@ def release():
         "target and rolling procedure, then the same health gate; with a warm standby of that version (PM2, "
         "target.standby_s) it is a traffic switch to it instead (possibly made already by the sensor that requested "
         "the run), and nothing is started. App only: when the bad release applied migrations "
-        "the run points at the pre-migration backup and the restore_database job, and never restores by itself."
+        "the run points at the pre-migration backup (restore_database) or the release's restore point "
+        "(restore_point_in_time), and never restores by itself."
     ),
     executor_def=dg.in_process_executor,
     tags=ROLLBACK_TAGS,

@@ -46,11 +46,24 @@ def _run_tag(context: dg.OpExecutionContext, name: str) -> str:
         return ""
 
 
+def restore_advice(backup_id: str) -> str:
+    """How to get the database of before the bad release back: its safety point names the job that restores it."""
+    if backup_id.startswith("restore-point:"):
+        point = backup_id.split(":", 1)[1]
+        return (f"If the schema change is not backward compatible, restore to the release's restore point {point} with "
+                f"the restore_point_in_time job (target: name, target_value: {point}) after reviewing the data-loss "
+                "window (every write after that point is lost).")
+    return (f"If the schema change is not backward compatible, restore the pre-migration backup "
+            f"{backup_id or '(unknown)'} with the restore_database job (backup_id: {backup_id}) after reviewing the "
+            "data-loss window.")
+
+
 @dg.op(
     description=(
         "Decides the rollback from the release history: the version to remove (serving now) and the last known-good "
         "version to restore (never one marked bad). Lists migrations the bad release applied and points at the "
-        "pre-migration backup and the restore_database job; it never restores the database itself."
+        "pre-migration backup (restore_database) or restore point (restore_point_in_time); it never restores the "
+        "database itself."
     ),
     tags={"stage": "rollback"},
 )
@@ -129,11 +142,8 @@ def plan_rollback(context: dg.OpExecutionContext, config: RollbackConfig, deploy
         "standby": standby.to_json() if standby else {},
     }
     if migrations:
-        context.log.warning(
-            f"{bad} applied migrations {', '.join(migrations)}; this rollback restores the app only. If the schema change "
-            f"is not backward compatible, restore the pre-migration backup {backup_id or '(unknown)'} with the "
-            f"restore_database job (backup_id: {backup_id}) after reviewing the data-loss window. Nothing is restored automatically."
-        )
+        context.log.warning(f"{bad} applied migrations {', '.join(migrations)}; this rollback restores the app only. "
+                            f"{restore_advice(backup_id)} Nothing is restored automatically.")
     if switched:
         context.log.info(f"traffic of '{config.environment}' is already on the warm standby of {good.version} (switched by "
                          f"{switched.get('by') or '?'} at {time.strftime('%H:%M:%S', time.gmtime(switched['at']))}Z); "
