@@ -74,6 +74,24 @@ def test_plan_shows_what_a_release_would_do_and_changes_nothing(node_app, app_va
     assert snapshot(env, store, instance) == before  # nothing built, started, stopped, backed up or recorded
     assert not result.asset_materializations_for_node("plan_release")
 
+    assert plan["canary"].startswith("none") and plan["standby"].startswith("none")
+
+    # with canary steps, approval at one of them and a warm standby: the steps, their limits and the standby
+    gated = defs.get_job_def("plan").execute_in_process(
+        run_config=release_run_config(v2_app, env, version="v2", port=port, instances=3,
+                                      canary={"steps": [{"weight": 10, "pause_s": 30}, {"weight": 50, "pause_s": 60}],
+                                              "analysis": {"min_requests": 80, "max_p95_ms": 400}},
+                                      approval={"required": True, "before": "canary-50"},
+                                      target={"standby_s": 900}), instance=instance)
+    staged = plan_output(gated)
+    assert staged["order"][0].startswith("1. start 3 instance(s) of v2 beside the serving ones")
+    assert staged["order"][1] == "2. 10% of the requests to v2 for 30 s, then judged"
+    assert staged["order"][2] == "3. 50% of the requests to v2 for 60 s, then judged and held for approval (approve_release)"
+    assert staged["order"][3].startswith("4. promote: all requests to v2") and "stay warm" in staged["order"][3]
+    assert "at least 80 requests per group" in staged["canary"] and "400 ms" in staged["canary"]
+    assert staged["standby"].startswith("the replaced instances of v1 (2) stay running out of traffic for 900 s")
+    assert snapshot(env, store, instance) == before
+
     # the release's own version: the plan says it was released already
     again = defs.get_job_def("plan").execute_in_process(
         run_config=release_run_config(node_app, env, version="v1", port=port), instance=instance)

@@ -94,6 +94,39 @@ def database_outlook(spec: ReleaseSpec, url: str | None, store: BackupStore) -> 
     return out
 
 
+def canary_outlook(config: ReleaseConfig, version: str, serving: list) -> dict:
+    """The canary steps the release would take (or why it takes none) and what judges each step."""
+    canary = config.canary
+    if not canary.enabled:
+        return {"canary": "none (all traffic moves instance by instance as above)"}
+    if not serving:
+        return {"canary": "none this time: no version serves yet, so there is nothing to compare with (rolling deploy)"}
+    a = canary.analysis
+    hold = config.approval.before if config.approval.required and config.approval.before.startswith("canary-") else ""
+    limits = (f"at least {a.min_requests} requests per group; canary 5xx at most {a.max_error_rate:.1%} and at most "
+              f"the stable's + {a.max_error_rate_increase:.1%}; canary p95 at most {a.max_p95_ratio:g}x the stable's"
+              + (f" and {a.max_p95_ms:g} ms" if a.max_p95_ms else "")
+              + f"; inconclusive past {a.max_inconclusive_s:g} s fails the release")
+    order = [f"1. start {config.target.instances} instance(s) of {version} beside the serving ones, each healthy on "
+             "its own port, none in the front proxy yet",
+             *(f"{n}. {step.weight}% of the requests to {version} for {step.pause_s:g} s, then judged"
+               + (" and held for approval (approve_release)" if hold == f"canary-{step.weight}" else "")
+               for n, step in enumerate(canary.steps, 2)),
+             f"{len(canary.steps) + 2}. promote: all requests to {version}; the old instances drain and stop"
+             + (" (or stay warm, see standby)" if config.target.standby_s else "")]
+    return {"canary": f"{len(canary.steps)} step(s) judged on the front proxy's records: {limits}", "order": order}
+
+
+def standby_outlook(config: ReleaseConfig, serving: list) -> str:
+    if not config.target.standby_s:
+        return "none (target.standby_s is 0: a rollback redeploys)"
+    if not serving:
+        return "none this time (nothing serves yet)"
+    versions = ", ".join(sorted({i.version for i in serving}))
+    return (f"the replaced instances of {versions} ({len(serving)}) stay running out of traffic for "
+            f"{config.target.standby_s:g} s: a rollback inside that window is a traffic switch")
+
+
 def _no_side_effect_url(spec: ReleaseSpec, local_stack: LocalStack) -> str | None:
     """The environment's database URL as the release would use it, without starting an embedded stack, creating its
     database or generating a secret (resolve_app_env may do all three)."""
@@ -109,8 +142,9 @@ def _no_side_effect_url(spec: ReleaseSpec, local_stack: LocalStack) -> str | Non
 @dg.op(
     description=(
         "Shows what a release of this spec would do, with no side effect: version, artifact (built or reused), what "
-        "serves now and the order instances would change in, pending migrations against the live database, and the "
-        "backup it would take with its estimated time. Nothing is built, deployed, locked, backed up or recorded."
+        "serves now and the order instances would change in (with its canary steps, their limits and approval), "
+        "the warm standby it would leave, pending migrations against the live database, and the backup it would take "
+        "with its estimated time. Nothing is built, deployed, locked, backed up or recorded."
     ),
     tags={"stage": "plan"},
 )
@@ -141,13 +175,16 @@ def plan_release(context: dg.OpExecutionContext, config: ReleaseConfig, local_st
         "serving": [f"{i.name} ({i.version}, {i.status})" for i in serving],
         "last_good": (hist.last_good().version if hist.last_good() else None),
         "order": order,
-        "canary": "none (all traffic moves instance by instance as above)",
+        **canary_outlook(config, version, serving),
+        "standby": standby_outlook(config, serving),
         **database_outlook(spec, _no_side_effect_url(spec, local_stack), backup_store),
     }
     lines = [f"Plan: release {version} to '{config.environment}' ({plan['target']})",
              f"  artifact: {plan['artifact']['action']}",
              f"  serving now: {', '.join(plan['serving']) or 'nothing'}",
-             *(f"  {line}" for line in order),
+             *(f"  {line}" for line in plan["order"]),
+             f"  canary: {plan['canary']}",
+             f"  standby: {plan['standby']}",
              f"  migrations: {plan.get('pending_migrations', plan['migrations_folder'])}",
              f"  backup: {plan.get('backup', plan.get('database'))}"]
     if plan["already_released"]:
