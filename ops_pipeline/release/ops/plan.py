@@ -107,8 +107,8 @@ def canary_outlook(config: ReleaseConfig, version: str, serving: list) -> dict:
               f"the stable's + {a.max_error_rate_increase:.1%}; canary p95 at most {a.max_p95_ratio:g}x the stable's"
               + (f" and {a.max_p95_ms:g} ms" if a.max_p95_ms else "")
               + f"; inconclusive past {a.max_inconclusive_s:g} s fails the release")
-    order = [f"1. start {config.target.instances} instance(s) of {version} beside the serving ones, each healthy on "
-             "its own port, none in the front proxy yet",
+    order = [(f"1. start {config.target.instances} instance(s) of {version} beside the serving ones, each healthy on "
+              "its own port, none in the front proxy yet"),
              *(f"{n}. {step.weight}% of the requests to {version} for {step.pause_s:g} s, then judged"
                + (" and held for approval (approve_release)" if hold == f"canary-{step.weight}" else "")
                for n, step in enumerate(canary.steps, 2)),
