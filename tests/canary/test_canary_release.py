@@ -260,3 +260,36 @@ def test_an_abort_at_a_canary_step_withdraws_the_canary(canary_env, node_app):
     assert "canary stopped at step 1 (10% of the requests): release of v-refused aborted by bob" in out["message"]
     assert env.instance.get_run_by_id(result.run_id).tags[APPROVAL_TAG] == "aborted"
     assert load.result.failed == 0, load.result.samples
+
+
+def test_a_promoted_canary_leaves_the_stable_version_warm_and_a_rollback_is_a_traffic_switch(canary_env, node_app):
+    """Canary and warm standby together: promotion retires the stable instances through the same drain as a rolling
+    deploy, so with target.standby_s they stay warm out of traffic, and the rollback switches back to them."""
+    from ops_pipeline.platform.spec import ReleaseSpec
+    from ops_pipeline.targets.resource import DeployTargets
+
+    env = canary_env
+    stable = env.serving_version()
+    with Load(env.port, rate=RATE) as load:
+        result = env.release(node_app, "v-warm", canary={"steps": STEPS, "analysis": ANALYSIS},
+                             target={"standby_s": 300})
+    assert result.success, step_failure(result)[1]
+    assert load.result.failed == 0, load.result.samples
+    assert env.served() == {"v-warm"}
+    assert env.pm2_versions() == sorted([stable, stable, "v-warm", "v-warm"])  # the stable ones wait, warm
+    hist = history.load(env.instance, env.name)
+    target = DeployTargets.with_defaults().for_spec(ReleaseSpec.from_json(history.spec_json(hist.latest())))
+    standby = target.standby()
+    assert standby is not None and standby.version == stable and len(standby.instances) == 2
+    assert sorted(i.version for i in target.serving()) == ["v-warm", "v-warm"]
+
+    with Load(env.port, rate=RATE) as load:
+        rollback = env.defs.get_job_def("rollback").execute_in_process(
+            run_config={"ops": {"plan_rollback": {"config": {"environment": env.name}}}}, instance=env.instance,
+            raise_on_error=False)
+    assert rollback.success
+    assert load.result.failed == 0, load.result.samples
+    assert env.served() == {stable} and env.pm2_versions() == [stable, stable]  # switched: nothing new started
+    md = next(e for e in rollback.all_events if e.event_type_value == "STEP_OUTPUT"
+              and e.step_key == "rollback_deploy").event_specific_data.metadata
+    assert md["new_processes"].value == 0
