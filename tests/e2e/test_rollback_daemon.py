@@ -5,6 +5,7 @@ import time
 
 import httpx
 import pytest
+from dagster import DagsterEventType
 
 from ops_pipeline.platform import history
 from ops_pipeline.platform.local_stack import free_port
@@ -56,11 +57,15 @@ def released_v1(dagster_stack, node_app, environment_name, pm2_cleanup):
     return env, port
 
 
-def test_health_watch_rolls_back_a_release_that_turns_unhealthy(dagster_stack, released_v1, app_variant, tmp_path):
+@pytest.mark.parametrize("standby_s", [0, 300], ids=["redeploy", "warm-standby"])
+def test_health_watch_rolls_back_a_release_that_turns_unhealthy(dagster_stack, released_v1, app_variant, tmp_path,
+                                                                standby_s):
+    """Without a standby the rollback run redeploys v1; with one (target.standby_s), the health watch itself switches
+    the traffic to v1's warm instances and the run only stops v2's (no process started)."""
     env, port = released_v1
     break_file = tmp_path / "v2-breaks"
     v2 = app_variant("v2", app_variants.health_503_when_file_exists(break_file))
-    run = dagster_stack.wait_run(release(dagster_stack, v2, env, "v2", port))
+    run = dagster_stack.wait_run(release(dagster_stack, v2, env, "v2", port, target={"standby_s": standby_s}))
     assert run.status.value == "SUCCESS"
     assert versions_served(port) == {"v2:200"}
 
@@ -78,9 +83,20 @@ def test_health_watch_rolls_back_a_release_that_turns_unhealthy(dagster_stack, r
     assert hist.events[0].get("from_version") == "v2"
     assert "v2" in hist.bad_versions and hist.serving_version == "v1"
     assert versions_served(port, 20) == {"v1:200"}
+    with dagster_stack.instance() as inst:
+        outputs = {e.step_key: e.dagster_event.event_specific_data.metadata
+                   for e in inst.all_logs(rb[0].run_id, of_type=DagsterEventType.STEP_OUTPUT)}
+        logs = "\n".join(e.user_message for e in inst.all_logs(rb[0].run_id))
+    deploy = outputs["rollback_deploy"]
+    if standby_s:
+        assert deploy["new_processes"].value == 0, deploy
+        assert "is already on the warm standby of v1 (switched by health_watch" in logs, logs[-2000:]
+    else:
+        assert "new_processes" not in deploy and len(deploy["instances_rolled"].value) == 2, deploy
+        assert "no traffic switch to a standby of v1" in logs and "redeploying it" in logs
     time.sleep(12)  # more sensor ticks: still exactly one rollback for this incident
     assert len(rollbacks(dagster_stack, env)) == 1
-    print(f"first failing probe -> v1 serving: {recovered_s:.1f} s")
+    print(f"first failing probe -> v1 serving ({'warm standby' if standby_s else 'redeploy'}): {recovered_s:.1f} s")
 
 
 @pytest.mark.parametrize("launched_with", ["ui", "dagster job execute"])
