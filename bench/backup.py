@@ -392,6 +392,27 @@ def database_size(url: str) -> int:
         return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
 
 
+TABLES_BIGGEST_FIRST = ("order_items", "events", "orders", "customers", "products")
+
+
+def fill_source(src: str, rows: dict[str, int]) -> tuple[float, float]:
+    """Tables, rows (biggest table first so the two workers finish together), indexes, foreign keys, VACUUM ANALYZE.
+    Returns the monotonic times at which the rows and the indexes were done."""
+    with psycopg.connect(src, autocommit=True) as conn:
+        for ddl in table_ddl():
+            conn.execute(ddl)
+    inserts = load_sql(rows)
+    run_parallel(src, [inserts[t] for t in TABLES_BIGGEST_FIRST])
+    t_rows = time.monotonic()
+    run_parallel(src, INDEXES)
+    with psycopg.connect(src, autocommit=True) as conn:
+        for fk in FOREIGN_KEYS:  # serially: FK validation locks the referenced table
+            conn.execute(fk)
+    t_idx = time.monotonic()
+    run_parallel(src, [f"VACUUM (ANALYZE) {t}" for t in TABLES_BIGGEST_FIRST])
+    return t_rows, t_idx
+
+
 def run_parallel(url: str, statements: list[str], workers: int = 2) -> None:
     """Run independent statements on `workers` connections (the server has 2 cores to use)."""
 
@@ -422,19 +443,7 @@ def generate_source(bench: Bench, gb: float, reuse: bool) -> dict:
     rows = {t: max(100, int(n * gb)) for t, n in ROWS_PER_GB.items()}
     log(f"generating {SOURCE_DB}: " + ", ".join(f"{t} {n:,}" for t, n in rows.items()))
     t0 = time.monotonic()
-    with psycopg.connect(src, autocommit=True) as conn:
-        for ddl in table_ddl():
-            conn.execute(ddl)
-    inserts = load_sql(rows)
-    # Biggest first so the two workers finish together.
-    run_parallel(src, [inserts[t] for t in ("order_items", "events", "orders", "customers", "products")])
-    t_rows = time.monotonic()
-    run_parallel(src, INDEXES)
-    with psycopg.connect(src, autocommit=True) as conn:
-        for fk in FOREIGN_KEYS:  # serially: FK validation locks the referenced table
-            conn.execute(fk)
-    t_idx = time.monotonic()
-    run_parallel(src, [f"VACUUM (ANALYZE) {t}" for t in ("order_items", "events", "orders", "customers", "products")])
+    t_rows, t_idx = fill_source(src, rows)
     size = database_size(src)
     next_event = rows["events"] + 1
     while size < gb * 1e9:  # top up with events (indexes in place: slower, but only when the estimate is short)

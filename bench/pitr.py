@@ -42,16 +42,7 @@ if str(ROOT) not in sys.path:
 import psycopg
 from psycopg import sql
 
-from bench.backup import (
-    FOREIGN_KEYS,
-    INDEXES,
-    ROWS_PER_GB,
-    database_size,
-    load_sql,
-    run_parallel,
-    source_facts,
-    table_ddl,
-)
+from bench.backup import ROWS_PER_GB, database_size, fill_source, source_facts
 from ops_pipeline import backup as backups
 from ops_pipeline.backup import archiving, pitr
 from ops_pipeline.backup.pgbackrest import PgBackRest, Repository, segment_number
@@ -102,16 +93,7 @@ def generate(url: str, gb: float) -> dict:
     src = ConnInfo.parse(url).url(SOURCE_DB)
     rows = {t: max(100, int(n * gb)) for t, n in ROWS_PER_GB.items()}
     t0 = time.monotonic()
-    with psycopg.connect(src, autocommit=True) as conn:
-        for ddl in table_ddl():
-            conn.execute(ddl)
-    inserts = load_sql(rows)
-    run_parallel(src, [inserts[t] for t in ("order_items", "events", "orders", "customers", "products")])
-    run_parallel(src, INDEXES)
-    with psycopg.connect(src, autocommit=True) as conn:
-        for fk in FOREIGN_KEYS:
-            conn.execute(fk)
-    run_parallel(src, [f"VACUUM (ANALYZE) {t}" for t in ("order_items", "events", "orders", "customers", "products")])
+    fill_source(src, rows)
     size = database_size(src)
     log(f"{SOURCE_DB}: {size / 1e9:.3f} GB generated in {time.monotonic() - t0:.1f} s")
     return {"size": size, "facts": source_facts(src)["facts"]}
