@@ -60,6 +60,7 @@ def test_prune_removes_app_files_of_removed_instances_and_keeps_the_newest_logs(
     serving = [Instance(id=str(slot), name=f"node-api-soak-{slot}@v9+{deploys[-1][:6]}", version="v9", status="online",
                         probe_url="", deploy_id=deploys[-1]) for slot in (0, 1)]
     monkeypatch.setattr(Pm2Target, "serving", lambda self: serving)
+    monkeypatch.setattr(Pm2Target, "_instances", lambda self: serving)  # every PM2 instance: here, no standby
     monkeypatch.setattr(Pm2Target, "current_version", lambda self: "v9")
 
     target.prune({"v9"}, log=lambda _m: None)

@@ -507,8 +507,8 @@ def validate_release_config(cfg: ReleaseConfig, *, check_paths: bool = True) -> 
     _check_app(cfg, check_paths, problems)
     _check_target(cfg.target, cfg.app, problems)
     _check_hosts(cfg.target, check_paths, problems)
-    if cfg.target.kind == DeployTargetKind.pm2 and ENV_NAME.match(cfg.environment or ""):
-        _check_pm2_home(cfg, problems)
+    if check_paths and cfg.target.kind == DeployTargetKind.pm2 and ENV_NAME.match(cfg.environment or ""):
+        _check_pm2_home(cfg, problems)  # where this machine keeps the environment: not a property of a recorded spec
     _check_gate(cfg.gate, problems)
     _check_canary(cfg, problems)
     return problems
