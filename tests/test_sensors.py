@@ -153,8 +153,10 @@ def test_history_marks_failed_and_rolled_back_versions_bad(instance, service):
 
 # ---- release-failure sensor ------------------------------------------------------------------------
 
-def stand_in_release(failing_step: str, job_name: str = "release") -> dg.JobDefinition:
-    """A job shaped like `release` whose `failing_step` fails (the daemon test runs the real one)."""
+def stand_in_release(failing_step: str, job_name: str = "release", environment: str = "prod",
+                     version: str = "v9") -> dg.JobDefinition:
+    """A job shaped like `release` whose `failing_step` fails (the daemon test runs the real one); its verify_env tags
+    the run with `environment` and `version` as the real one does."""
     names = ["verify_env", "run_tests", "build_image", "backup_database", "migrate_database", "rolling_deploy", "health_gate"]
 
     def make(name):
@@ -163,7 +165,7 @@ def stand_in_release(failing_step: str, job_name: str = "release") -> dg.JobDefi
             if name == failing_step:
                 raise dg.Failure(description=f"{name} failed")
             if name == "verify_env":
-                context.instance.add_run_tags(context.run_id, {"ops/environment": "prod", "ops/version": "v9"})
+                context.instance.add_run_tags(context.run_id, {"ops/environment": environment, "ops/version": version})
         return _op
 
     @dg.job(name=job_name)

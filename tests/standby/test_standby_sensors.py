@@ -18,6 +18,7 @@ from ops_pipeline.release.sensors import rollback_on_release_failure, watch_tick
 from ops_pipeline.targets.resource import DeployTargets
 from tests import app_variants
 from tests.standby.conftest import listening, run_messages
+from tests.test_sensors import stand_in_release
 
 pytestmark = pytest.mark.xdist_group("standby")
 
@@ -85,37 +86,13 @@ def test_health_watch_switches_to_the_standby_itself_and_the_rollback_run_finish
     assert requests == [] and next(k for e, k, _ in outcomes if e == env.name) == "healthy"
 
 
-def failed_release(env_name: str, version: str, failing_step: str) -> dg.JobDefinition:
-    """A job shaped like `release` whose `failing_step` fails (as tests/test_sensors.py does): the sensor only reads
-    the run and its failure events."""
-    names = ["verify_env", "run_tests", "build_image", "backup_database", "migrate_database", "rolling_deploy",
-             "health_gate"]
-
-    def make(name):
-        @dg.op(name=name, ins={"after": dg.In(dg.Nothing)})
-        def _op(context):
-            if name == failing_step:
-                raise dg.Failure(description=f"{name} failed")
-            if name == "verify_env":
-                context.instance.add_run_tags(context.run_id, {"ops/environment": env_name, "ops/version": version})
-        return _op
-
-    @dg.job(name="release")
-    def release():
-        prev = None
-        for n in names:
-            prev = make(n)(after=prev) if prev is not None else make(n)()
-
-    return release
-
-
 def test_release_failure_sensor_switches_to_the_standby_before_requesting_the_rollback(node_app, standby_env):
     env = standby_env
     env.release(node_app, "v1", standby_s=300)
     env.release(node_app, "v2", standby_s=300)
     target = env.target()
     standby_ports = {r["port"] for r in target.standby().instances}
-    result = failed_release(env.name, "v2", "health_gate").execute_in_process(instance=env.instance,
+    result = stand_in_release("health_gate", environment=env.name, version="v2").execute_in_process(instance=env.instance,
                                                                             raise_on_error=False)
     ctx = dg.build_run_status_sensor_context(sensor_name="rollback_on_release_failure", dagster_instance=env.instance,
                                              dagster_run=result.dagster_run,
