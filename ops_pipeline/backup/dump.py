@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 import psycopg
 import zstandard
 
-from ops_pipeline.backup import common
+from ops_pipeline.backup import common, crypt
 from ops_pipeline.backup.common import BackupError, LogFn, stderr_reader, store_scope
 from ops_pipeline.backup.store import DUMP_NAME, MANIFEST_NAME, BackupStore
 from ops_pipeline.backup.verify import verify_stored
@@ -74,6 +74,7 @@ def take_backup(
     info = ConnInfo.parse(url)
     versions = preflight(postgres, url)
     store.validate()
+    key = store.keyring().current  # a missing or short key fails here, before anything is dumped
     database = info.database
     scope = store_scope(environment, database)
     started = datetime.now(UTC)
@@ -93,13 +94,14 @@ def take_backup(
         # The store first: a read-only, full or missing store fails here, before pg_dump or the counting start.
         writer = store.writer(scope, backup_id, DUMP_NAME)
         raw_bytes, stored, digest = _dump_to_store(argv, postgres.tool_env(url), store, writer, snap.start_counting,
-                                                   redact)
+                                                   redact, key)
         counts = snap.counts(redact)
     finally:
         snap.close()
     dump_s = time.monotonic() - t0
     log(f"dumped {raw_bytes / 1e6:.1f} MB -> stored {stored / 1e6:.1f} MB zstd in {dump_s:.1f} s "
-        f"({raw_bytes / 1e6 / max(dump_s, 1e-6):.0f} MB/s), sha256 {digest[:16]}…")
+        f"({raw_bytes / 1e6 / max(dump_s, 1e-6):.0f} MB/s)"
+        f"{f', encrypted with key {key.id}' if key else ''}, sha256 {digest[:16]}…")
 
     verification: dict = {"method": "none"}
     if verify:
@@ -124,6 +126,7 @@ def take_backup(
         "format": "custom",
         "compression": store.compression,
         "file": DUMP_NAME,
+        **({"encryption": {"cipher": crypt.CIPHER, "key_id": key.id}} if key else {}),
         "dump_bytes": raw_bytes,
         "stored_bytes": stored,
         "sha256": digest,
@@ -214,9 +217,9 @@ class _Snapshot:
         self.conn.close()
 
 
-def _dump_to_store(argv: list[str], env: dict[str, str], store: BackupStore, writer, started, redact: Redactor
-                   ) -> tuple[int, int, str]:
-    """Run pg_dump, compress its output into the store's `writer` and commit it; `started()` once pg_dump runs.
+def _dump_to_store(argv: list[str], env: dict[str, str], store: BackupStore, writer, started, redact: Redactor,
+                   key: crypt.Key | None = None) -> tuple[int, int, str]:
+    """Run pg_dump, compress its output (then encrypt it with `key`, if any) into the store's `writer` and commit it; `started()` once pg_dump runs.
     Returns (dump bytes, stored bytes, sha256 of the stored bytes). On any failure pg_dump is killed (it would
     hold its snapshot open on the server) and the partial object is removed."""
     proc: subprocess.Popen | None = None
@@ -229,6 +232,21 @@ def _dump_to_store(argv: list[str], env: dict[str, str], store: BackupStore, wri
         err_thread = stderr_reader(proc, errors)
         started()
         comp = store.compressor().compressobj(size=-1)
+        enc = crypt.Encryptor(key) if key else None
+
+        def put(out: bytes) -> None:
+            sha.update(out)
+            writer.write(out)
+
+        def emit(out: bytes) -> None:
+            if enc is None:
+                put(out)
+                return
+            for frame in enc.update(out):
+                put(frame)
+
+        if enc is not None:
+            put(enc.header)
         assert proc.stdout is not None
         while data := proc.stdout.read(common.CHUNK):
             if len(head) < 5:
@@ -236,11 +254,10 @@ def _dump_to_store(argv: list[str], env: dict[str, str], store: BackupStore, wri
             raw_bytes += len(data)
             out = comp.compress(data)
             if out:
-                sha.update(out)
-                writer.write(out)
-        out = comp.flush()
-        sha.update(out)
-        writer.write(out)
+                emit(out)
+        emit(comp.flush())
+        if enc is not None:
+            put(enc.finish())
         rc = proc.wait()
         err_thread.join(5)
         if rc != 0:

@@ -73,6 +73,10 @@ def restore_into(postgres: PostgresResource, store: BackupStore, manifest: dict,
     jobs = max(1, jobs)
     if postgres.database_exists(url, target_db):
         raise BackupError(f"database {target_db!r} already exists; a restore only ever goes into a new database")
+    try:
+        store.keyring().check_manifest(manifest)  # a wrong or missing key: named before any byte is read
+    except StoreError as exc:
+        raise BackupError(f"backup {manifest['id']} cannot be restored: {exc}") from None
     t0 = time.monotonic()
     tmpdir = tempfile.mkdtemp(prefix="ops-restore-")
     sha = hashlib.sha256()

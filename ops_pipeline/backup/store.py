@@ -8,6 +8,7 @@ an S3 write is a multipart upload that is aborted on any error. Deletion removes
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -145,6 +146,11 @@ class BackupStore(dg.ConfigurableResource):
     aws_access_key_id: str = Field("", description="Access key id (set with EnvVar; empty: the default credential chain).")
     aws_secret_access_key: str = Field("", description="Secret access key (set with EnvVar).")
     s3_max_attempts: int = Field(3, description="boto3 attempts per request before the op's RetryPolicy takes over.")
+    cipher_key_from: str = Field("", description="Key encrypting new dumps at rest (AES-256-GCM): env:NAME or "
+                                 "file:/path holding a random secret of 32+ characters, never stored with the backups; "
+                                 "empty: dumps are stored unencrypted.")
+    previous_keys_from: builtins.list[str] = Field([], description="Earlier keys (env:NAME / file:/path), still accepted for "
+                                          "reading the backups they encrypted after a key rotation.")
 
     def s3_resource(self):
         """dagster-aws's S3Resource for this store (imported on first use: boto3 costs ~0.6 s to import)."""
@@ -171,6 +177,28 @@ class BackupStore(dg.ConfigurableResource):
         zstd_parameters(self.compression, self.zstd_threads)
         if self.part_size_mb < 5:
             raise StoreError(f"backup store: part_size_mb must be >= 5 (got {self.part_size_mb})")
+
+    def keyring(self, environ: dict | None = None):
+        """The encryption keys, resolved from their references now (StoreError naming the reference, never the
+        value, when one is missing or too short)."""
+        from ops_pipeline.backup.crypt import Key, KeyProblem, Keyring
+        from ops_pipeline.platform.app_env import resolve_reference
+
+        env = dict(os.environ if environ is None else environ)
+
+        def load(ref: str, field: str) -> Key:
+            if not ref.startswith(("env:", "file:/")):
+                raise StoreError(f"backup store: {field} must be env:NAME or file:/absolute/path (got {ref!r})")
+            value, source = resolve_reference(ref, env)
+            if value is None:
+                raise StoreError(f"backup store: {field}: no key in {source}")
+            try:
+                return Key.from_secret(value, source)
+            except KeyProblem as exc:
+                raise StoreError(f"backup store: {field}: {exc}") from None
+
+        current = load(self.cipher_key_from, "cipher_key_from") if self.cipher_key_from else None
+        return Keyring(current, tuple(load(r, f"previous_keys_from[{i}]") for i, r in enumerate(self.previous_keys_from)))
 
     def compressor(self) -> zstandard.ZstdCompressor:
         return zstandard.ZstdCompressor(compression_params=zstd_parameters(self.compression, self.zstd_threads))

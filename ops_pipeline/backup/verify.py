@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import subprocess
 import threading
 import time
@@ -11,18 +12,35 @@ from collections.abc import Iterator
 
 import zstandard
 
+from ops_pipeline.backup import crypt
 from ops_pipeline.backup.common import BackupError, stderr_reader
 from ops_pipeline.backup.store import DUMP_NAME, BackupStore, StoreError
 from ops_pipeline.platform.postgres import PostgresResource
 
 
-def decompressed(store: BackupStore, scope: str, backup_id: str, sha=None) -> Iterator[bytes]:
-    """The stored dump, decompressed, chunk by chunk; feeds `sha` with the stored bytes. Raises BackupError on a
-    corrupted or truncated zstd stream."""
-    dobj = zstandard.ZstdDecompressor().decompressobj()
+def _stored(store: BackupStore, scope: str, backup_id: str, sha) -> Iterator[bytes]:
     for chunk in store.read(scope, backup_id, DUMP_NAME):
         if sha is not None:
             sha.update(chunk)
+        yield chunk
+
+
+def decrypted(store: BackupStore, scope: str, backup_id: str, sha=None) -> Iterator[bytes]:
+    """The stored dump's zstd stream, decrypted when it was stored encrypted (seen from its first bytes); feeds `sha`
+    with the stored bytes."""
+    stored = _stored(store, scope, backup_id, sha)
+    first = next(stored, b"")
+    rest = itertools.chain([first], stored)
+    if crypt.is_encrypted(first):
+        return crypt.decrypt(rest, store.keyring(), backup_id)
+    return rest
+
+
+def decompressed(store: BackupStore, scope: str, backup_id: str, sha=None) -> Iterator[bytes]:
+    """The stored dump, decrypted if need be and decompressed, chunk by chunk; feeds `sha` with the stored bytes.
+    Raises BackupError on a wrong key, a corrupted or truncated stream."""
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    for chunk in decrypted(store, scope, backup_id, sha):
         try:
             out = dobj.decompress(chunk)
         except zstandard.ZstdError as exc:
