@@ -134,3 +134,16 @@ def test_frames_round_trip_and_reordering_fails():
     with pytest.raises(BackupError, match=r"backup B is truncated: the final encrypted frame is missing \(after 2 frames\)"):
         b"".join(crypt.decrypt([stored[:header + f0 + f1]], ring, "B"))
     assert "kR3n" not in repr(key)
+
+
+def test_settings_take_key_references_and_never_echo_a_pasted_key(monkeypatch):
+    from ops_pipeline.platform.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("OPS_BACKUP_CIPHER_KEY_FROM", "env:DUMP_KEY_B")
+    monkeypatch.setenv("OPS_BACKUP_PREVIOUS_KEYS_FROM", "env:DUMP_KEY_A,file:/etc/old-key")
+    s = load_settings()
+    assert (s.backup_cipher_key_from, s.backup_previous_keys_from) == ("env:DUMP_KEY_B", "env:DUMP_KEY_A,file:/etc/old-key")
+    monkeypatch.setenv("OPS_BACKUP_CIPHER_KEY_FROM", KEY_A)
+    with pytest.raises(SettingsError, match="OPS_BACKUP_CIPHER_KEY_FROM: must be env:NAME") as exc:
+        load_settings()
+    assert KEY_A not in str(exc.value)
