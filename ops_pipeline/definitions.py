@@ -60,6 +60,8 @@ def build_resources(s: Settings | None = None) -> dict:
             s3_max_attempts=s.s3_max_attempts,
             compression=s.backup_compression,
             zstd_threads=s.backup_zstd_threads,
+            s3_sse=s.backup_s3_sse,
+            s3_sse_kms_key_id=s.backup_s3_sse_kms_key_id,
             cipher_key_from=s.backup_cipher_key_from,
             previous_keys_from=[r for r in s.backup_previous_keys_from.split(",") if r],
         ),

@@ -107,3 +107,31 @@ def test_s3_timeouts_abort_the_upload_and_register_nothing(scratch_db, s3_server
         proxy.rules.clear()
     assert keys(client, "hang/") == []
     assert [u for u in client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) if u["Key"].startswith("hang/")] == []
+
+
+@pytest.mark.parametrize("sse,kms_key", [("AES256", ""), ("aws:kms", "alias/ops-backups")])
+def test_server_side_encryption_is_asked_on_every_put(scratch_db, s3_server, sse, kms_key):
+    server, _, client = s3_server
+    prefix = f"sse-{sse.replace(':', '')}"
+    store = s3_store(server.url, prefix=prefix).model_copy(update={"s3_sse": sse, "s3_sse_kms_key_id": kms_key})
+    m = backups.take_backup(PostgresResource(), store, scratch_db, trigger="manual", environment="s3", log=print)
+    objects = keys(client, prefix)
+    assert {k.rsplit("/", 1)[1] for k in objects} == {"dump.pgc.zst", "manifest.json"}
+    for key in objects:  # the multipart dump and the single-put manifest alike
+        head = client.head_object(Bucket=BUCKET, Key=key)
+        assert head["ServerSideEncryption"] == sse
+        if kms_key:
+            assert kms_key in head["SSEKMSKeyId"]
+    assert [x["id"] for x in store.manifests(m["scope"])] == [m["id"]]
+    s3_store(server.url, prefix=prefix + "-none").put_json({"a": 1}, "x.json")  # without the setting: nothing asked
+    assert "ServerSideEncryption" not in client.head_object(Bucket=BUCKET, Key=f"{prefix}-none/x.json")
+
+
+def test_kms_key_without_kms_is_refused_before_anything_is_written(scratch_db, s3_server):
+    server, _, client = s3_server
+    store = s3_store(server.url, prefix="sse-bad").model_copy(update={"s3_sse": "AES256", "s3_sse_kms_key_id": "k"})
+    from ops_pipeline.backup.store import StoreError
+
+    with pytest.raises(StoreError, match="s3_sse_kms_key_id is only used with s3_sse 'aws:kms'"):
+        backups.take_backup(PostgresResource(), store, scratch_db, trigger="manual", environment="s3", log=print)
+    assert keys(client, "sse-bad") == []

@@ -93,12 +93,12 @@ class _LocalWriter:
 
 
 class _S3Writer:
-    def __init__(self, client, bucket: str, key: str, part_size: int) -> None:
+    def __init__(self, client, bucket: str, key: str, part_size: int, sse: dict | None = None) -> None:
         self.client, self.bucket, self.key, self.part_size = client, bucket, key, part_size
         self.buf = bytearray()
         self.parts: list[dict] = []
         self.size = 0
-        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+        self.upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, **(sse or {}))["UploadId"]
 
     def _flush_part(self) -> None:
         n = len(self.parts) + 1
@@ -146,6 +146,10 @@ class BackupStore(dg.ConfigurableResource):
     aws_access_key_id: str = Field("", description="Access key id (set with EnvVar; empty: the default credential chain).")
     aws_secret_access_key: str = Field("", description="Secret access key (set with EnvVar).")
     s3_max_attempts: int = Field(3, description="boto3 attempts per request before the op's RetryPolicy takes over.")
+    s3_sse: Literal["", "AES256", "aws:kms"] = Field("", description="S3 server-side encryption asked on every put: "
+                                                     "AES256 (SSE-S3) or aws:kms (SSE-KMS); empty: the bucket's default.")
+    s3_sse_kms_key_id: str = Field("", description="KMS key id or ARN for s3_sse aws:kms (empty: the account's "
+                                   "default aws/s3 key).")
     cipher_key_from: str = Field("", description="Key encrypting new dumps at rest (AES-256-GCM): env:NAME or "
                                  "file:/path holding a random secret of 32+ characters, never stored with the backups; "
                                  "empty: dumps are stored unencrypted.")
@@ -175,8 +179,17 @@ class BackupStore(dg.ConfigurableResource):
         if self.kind == "s3" and not self.bucket:
             raise StoreError("backup store: bucket is required when kind is 's3'")
         zstd_parameters(self.compression, self.zstd_threads)
+        if self.s3_sse_kms_key_id and self.s3_sse != "aws:kms":
+            raise StoreError("backup store: s3_sse_kms_key_id is only used with s3_sse 'aws:kms'")
         if self.part_size_mb < 5:
             raise StoreError(f"backup store: part_size_mb must be >= 5 (got {self.part_size_mb})")
+
+    def sse_args(self) -> dict:
+        """The server-side encryption arguments of every put (empty: none asked)."""
+        if not self.s3_sse:
+            return {}
+        return {"ServerSideEncryption": self.s3_sse,
+                **({"SSEKMSKeyId": self.s3_sse_kms_key_id} if self.s3_sse_kms_key_id else {})}
 
     def keyring(self, environ: dict | None = None):
         """The encryption keys, resolved from their references now (StoreError naming the reference, never the
@@ -212,7 +225,7 @@ class BackupStore(dg.ConfigurableResource):
         key = self._key(*parts)
         if self.kind == "local":
             return _LocalWriter(self.root / key)
-        return _S3Writer(self._client(), self.bucket, key, self.part_size_mb * 1024 * 1024)
+        return _S3Writer(self._client(), self.bucket, key, self.part_size_mb * 1024 * 1024, self.sse_args())
 
     def read(self, *parts: str, chunk: int = 1 << 20) -> Iterator[bytes]:
         key = self._key(*parts)
@@ -243,7 +256,8 @@ class BackupStore(dg.ConfigurableResource):
                 raise
         else:
             w.abort()  # small object: a plain PUT is atomic
-            self._client().put_object(Bucket=self.bucket, Key=self._key(*parts), Body=data, ContentType="application/json")
+            self._client().put_object(Bucket=self.bucket, Key=self._key(*parts), Body=data, ContentType="application/json",
+                                      **self.sse_args())
 
     def get_json(self, *parts: str) -> dict:
         return json.loads(b"".join(self.read(*parts)))

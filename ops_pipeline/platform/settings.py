@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     s3_max_attempts: int = Field(3, ge=1, le=20)
     backup_compression: str = Field("zstd-dump", pattern=r"^(zstd-dump|zstd-([1-9]|1[0-9]))$")
     backup_zstd_threads: int = Field(2, ge=0, le=64)
+    backup_s3_sse: Literal["", "AES256", "aws:kms"] = ""
+    backup_s3_sse_kms_key_id: str = ""
     # references (env:NAME / file:/path) to the dump encryption keys, never the keys; previous: comma-separated
     backup_cipher_key_from: str = Field("", pattern=r"^(|env:[A-Za-z_][A-Za-z0-9_]*|file:/.+)$")
     backup_previous_keys_from: str = Field("", pattern=r"^(|(env:[A-Za-z_][A-Za-z0-9_]*|file:/[^,]+)(,(env:[A-Za-z_][A-Za-z0-9_]*|file:/[^,]+))*)$")
@@ -102,7 +104,7 @@ def load_settings() -> Settings:
             name = "OPS_" + "_".join(str(p) for p in err["loc"]).upper()
             message = err["msg"].removeprefix("Value error, ")
             got = repr(err.get("input"))
-            if name.endswith("KEYS_FROM") or name.endswith("KEY_FROM"):  # a key pasted in place of its reference
+            if name.endswith(("KEYS_FROM", "KEY_FROM")):  # a key pasted in place of its reference
                 got, message = "a value that is not shown", "must be env:NAME or file:/absolute/path (a reference, not the key)"
             problems.append(f"{name}: {message}" + ("" if got in message else f" (got {got})"))
         raise SettingsError(problems) from None
