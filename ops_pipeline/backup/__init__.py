@@ -8,8 +8,9 @@ its sha256 must match and `pg_restore` must parse every byte of it. Only then is
 and only a backup with a manifest exists.
 
     common.py      BackupError, LogFn, the pipe read size (CHUNK), store_scope
-    dump.py        take_backup: preflight, the snapshot and its row counts, pg_dump -> zstd -> store, manifest
-    verify.py      reading a stored backup back: decompressed stream, sha256 + full pg_restore read
+    dump.py        take_backup: preflight, the snapshot and its row counts, pg_dump -> zstd [-> AES-GCM] -> store, manifest
+    crypt.py       encryption at rest of dumps: AES-256-GCM framed chunks, key ids, the keyring for rotation
+    verify.py      reading a stored backup back: decrypted and decompressed stream, sha256 + full pg_restore read
     retention.py   grandfather-father-son over verified backups
     restore.py     find_backup, restore_into (streamed, or pg_restore from a temp file), data_loss_window
     streamed.py    the streamed restore: plan of tasks from the archive's TOC, feeder, the run
