@@ -186,3 +186,10 @@ def test_a_pm2_home_too_deep_for_its_unix_sockets_is_refused_before_anything_sta
     docker = ReleaseConfig(environment="staging", app={"path": str(tmp_path)}, target={"kind": "docker"})
     monkeypatch.setenv("OPS_STATE_DIR", str(deep))
     assert not [p for p in validate_release_config(docker) if "socket" in p]
+
+
+def test_a_warm_standby_on_a_target_that_has_none_is_refused_not_ignored():
+    docker = problems(target={"kind": "docker", "standby_s": 300})
+    assert any(p.startswith("target.standby_s: a warm standby is built for the pm2 target only") for p in docker), docker
+    assert not [p for p in problems(target={"kind": "docker", "standby_s": 0}) if "standby" in p]
+    assert not [p for p in problems(target={"standby_s": 300}) if "standby" in p]

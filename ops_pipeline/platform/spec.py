@@ -699,6 +699,9 @@ def _check_target(t: TargetConfig, app: AppConfig, problems: list[str]) -> None:
     _check_url(t.public_url, "target.public_url", ("http", "https"), problems)
     if _bad_number(t.standby_s, 0):
         problems.append(f"target.standby_s: must be >= 0, 0 for no standby (got {t.standby_s})")
+    elif t.standby_s and t.kind != DeployTargetKind.pm2:
+        problems.append(f"target.standby_s: a warm standby is built for the pm2 target only so far, not {t.kind.value} "
+                        "(set 0: a rollback redeploys)")
     if t.kind == DeployTargetKind.pm2:
         if t.pm2.keep_releases < 2:
             problems.append(f"target.pm2.keep_releases: must be >= 2 to keep a rollback target (got {t.pm2.keep_releases})")
