@@ -42,6 +42,12 @@ class LoadResult:
         return self.non_2xx + self.errors
 
     @property
+    def unanswered(self) -> int:
+        """What a browser would have seen fail: `failed` minus the GETs reset on a stale keep-alive connection (nginx
+        1.22 closes idle ones at each reload) and answered when resent once (RFC 9112 9.3.1)."""
+        return self.failed - self.resent_ok
+
+    @property
     def rate(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 

@@ -75,14 +75,6 @@ class CanaryEnv:
         return versions.pop()
 
 
-def unanswered(res) -> int:
-    """Requests a browser would have seen fail. nginx 1.22 (Debian 12) closes idle client keep-alive connections at
-    each reload, and a GET sent on one at that instant is reset before any byte of an answer; a canary makes several
-    reloads per release. Such a GET is resent once (RFC 9112 9.3.1, as browsers do) and counted apart by the load
-    generator (stale_keepalive / resent_ok); every other error and every non-2xx still counts."""
-    return res.failed - res.resent_ok
-
-
 @pytest.fixture(scope="module")
 def canary_env(node_app, services, state_dir):
     name = f"t-canary-{os.getpid() % 1000}-{time.time_ns() % 100000}"
@@ -171,7 +163,7 @@ def test_a_canary_3x_slower_at_p95_is_aborted(canary_env, app_variant):
     assert step["verdict"] == "fail" and step["canary"]["errors"] == 0
     assert step["canary"]["p95_ms"] >= 3 * step["stable"]["p95_ms"], step  # it really was 3x slower at p95
     assert "max_p95_ratio 2" in out["message"] and "canary analysis failed at step 1" in out["message"]
-    assert unanswered(load.result) == 0, load.result.samples
+    assert load.result.unanswered == 0, load.result.samples  # a GET resent once after an nginx reload is answered
 
 
 def test_too_little_traffic_holds_the_step_and_does_not_pass(canary_env, app_variant, node_app):
@@ -187,7 +179,7 @@ def test_too_little_traffic_holds_the_step_and_does_not_pass(canary_env, app_var
     assert step["window_s"] >= STEPS[0]["pause_s"] + ANALYSIS["max_inconclusive_s"]
     assert "stayed inconclusive at step 1" in out["message"] and "still inconclusive" in out["message"]
     assert time.monotonic() - started > STEPS[0]["pause_s"] + ANALYSIS["max_inconclusive_s"]
-    assert unanswered(load.result) == 0, load.result.samples
+    assert load.result.unanswered == 0, load.result.samples
 
 
 def test_a_good_canary_is_promoted_through_every_step(canary_env, node_app):
@@ -198,7 +190,7 @@ def test_a_good_canary_is_promoted_through_every_step(canary_env, node_app):
                              app={"metrics_path": "/metrics"})
     assert result.success, step_failure(result)[1]
     seen = load.result
-    assert unanswered(seen) == 0, seen.samples
+    assert seen.unanswered == 0, seen.samples
     assert set(seen.versions) == {stable, "v-good"}
     assert env.served() == {"v-good"} and env.pm2_versions() == ["v-good", "v-good"]
     assert "weight=" not in env.upstream()
@@ -250,7 +242,7 @@ def test_an_approval_at_a_canary_step_holds_it_there_until_promoted(canary_env, 
     result = bg.join()
     load.__exit__(None, None, None)
     assert result.success, step_failure(result)[1]
-    assert unanswered(load.result) == 0 and set(load.result.versions) == {stable, "v-held"}, load.result.samples
+    assert load.result.unanswered == 0 and set(load.result.versions) == {stable, "v-held"}, load.result.samples
     assert env.served() == {"v-held"} and env.pm2_versions() == ["v-held", "v-held"]
     assert [(o["step"], o["verdict"]) for o in observations(env, result)] == [(1, "pass"), (2, "pass")]
     assert env.instance.get_run_by_id(result.run_id).tags[APPROVAL_TAG] == "promoted"
@@ -267,7 +259,7 @@ def test_an_abort_at_a_canary_step_withdraws_the_canary(canary_env, node_app):
     out = assert_aborted_to(env, result, stable, "v-refused", last_verdict=("pass",))
     assert "canary stopped at step 1 (10% of the requests): release of v-refused aborted by bob" in out["message"]
     assert env.instance.get_run_by_id(result.run_id).tags[APPROVAL_TAG] == "aborted"
-    assert unanswered(load.result) == 0, load.result.samples
+    assert load.result.unanswered == 0, load.result.samples
 
 
 def test_a_promoted_canary_leaves_the_stable_version_warm_and_a_rollback_is_a_traffic_switch(canary_env, node_app):
@@ -282,7 +274,7 @@ def test_a_promoted_canary_leaves_the_stable_version_warm_and_a_rollback_is_a_tr
         result = env.release(node_app, "v-warm", canary={"steps": STEPS, "analysis": ANALYSIS},
                              target={"standby_s": 300})
     assert result.success, step_failure(result)[1]
-    assert unanswered(load.result) == 0, load.result.samples
+    assert load.result.unanswered == 0, load.result.samples
     assert env.served() == {"v-warm"}
     assert env.pm2_versions() == sorted([stable, stable, "v-warm", "v-warm"])  # the stable ones wait, warm
     hist = history.load(env.instance, env.name)
@@ -296,7 +288,7 @@ def test_a_promoted_canary_leaves_the_stable_version_warm_and_a_rollback_is_a_tr
             run_config={"ops": {"plan_rollback": {"config": {"environment": env.name}}}}, instance=env.instance,
             raise_on_error=False)
     assert rollback.success
-    assert unanswered(load.result) == 0, load.result.samples
+    assert load.result.unanswered == 0, load.result.samples
     assert env.served() == {stable} and env.pm2_versions() == [stable, stable]  # switched: nothing new started
     md = next(e for e in rollback.all_events if e.event_type_value == "STEP_OUTPUT"
               and e.step_key == "rollback_deploy").event_specific_data.metadata
